@@ -1,0 +1,51 @@
+"""The `clip-pipeline` command as a user runs it: a real subprocess of the installed console script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [str(Path(sys.executable).with_name("clip-pipeline"))]
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_stage() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    for stage in ("collect", "dedup", "shard", "train", "export", "evaluate", "promote", "config", "all"):
+        assert stage in result.stdout
+
+
+def test_config_show_prints_resolved_yaml_with_overrides() -> None:
+    result = run_cli("config", "show", "--set", "train.batch_size=48", "--set", "shard.output=s3://bkt/data")
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["train"]["batch_size"] == 48
+    assert shown["shard"]["output"] == "s3://bkt/data"
+    assert set(shown) >= {"collect", "dedup", "shard", "train", "export", "evaluate", "storage", "tracking", "compute"}
+
+
+def test_bad_config_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    result = run_cli("collect", "--params", str(REPO / "params.yaml"), "--set", "collect.samples_per_shard=0",
+                     "--set", f"collect.output_dir={tmp_path / 'raw'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "collect.samples_per_shard" in result.stderr
+    assert not (tmp_path / "raw").exists()
+    assert not any(tmp_path.iterdir())
+
+
+def test_stage_module_entry_point_refuses_bad_config(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "from pipelines._common import stage_main; stage_main(lambda cfg: None, 'x')",
+         "--set", "train.batch_size=-3"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "train.batch_size" in result.stderr and "-3" in result.stderr

@@ -1,0 +1,103 @@
+"""Config loading, overrides and every refusal, with the key and value named in the message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clip.config import ConfigError, PipelineConfig, dump_config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_yaml_loads_and_is_the_embedded_default() -> None:
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.collect.source == "synthetic"
+    assert cfg.compute.device == "cpu"
+    assert cfg.train.model.startswith("tiny-")
+    assert cfg.tracking.uri.startswith("sqlite:///")
+    for location in (cfg.collect.output_dir, cfg.shard.output, cfg.train.data):
+        assert location.startswith("data/")
+    assert cfg.train.output.startswith("models/")
+
+
+def test_missing_default_file_gives_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config() == PipelineConfig()
+
+
+def test_explicit_missing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_file_values_and_overrides(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  batch_size: 32\n  lr: 0.01\nshard:\n  output: s3://bucket/prefix\n")
+    cfg = load_config(params, ["train.batch_size=64", "compute.nproc_per_node=4", "collect.synthetic.num_samples=10"])
+    assert cfg.train.batch_size == 64  # override beats the file
+    assert cfg.train.lr == 0.01  # file beats the default
+    assert cfg.shard.output == "s3://bucket/prefix"
+    assert cfg.compute.nproc_per_node == 4
+    assert cfg.collect.synthetic.num_samples == 10
+    # YAML typing of override values: lists and booleans
+    cfg = load_config(params, ["dedup.eval_dirs=[a, b]", "train.compile=true"])
+    assert cfg.dedup.eval_dirs == ["a", "b"] and cfg.train.compile is True
+
+
+def test_dump_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["train.batch_size=8", "shard.output=s3://b/p"])
+    params = tmp_path / "resolved.yaml"
+    params.write_text(dump_config(cfg))
+    assert load_config(params) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.batch_size=-1", ["train.batch_size", "greater than 0", "-1"]),
+        ("train.batch_size=abc", ["train.batch_size", "valid integer", "'abc'"]),
+        ("shard.samples_per_shard=0", ["shard.samples_per_shard", "greater than 0", "0"]),
+        ("shard.output=s3:///prefix", ["shard.output", "no bucket", "s3:///prefix"]),
+        ("shard.output=s3://", ["shard.output", "no bucket"]),
+        ("train.data=gs://bucket/x", ["train.data", "unsupported URL scheme", "gs"]),
+        ("train.bogus=1", ["train.bogus", "unknown key", "1"]),
+        ("nonsense.key=1", ["nonsense", "unknown key"]),
+        ("collect.source=ftp", ["collect.source", "'ftp'"]),
+        ("dedup.near_dup_threshold=65", ["dedup.near_dup_threshold", "65"]),
+        ("collect.fetch.jpeg_quality=101", ["collect.fetch.jpeg_quality", "101"]),
+        ("train.precision=fp8", ["train.precision", "fp8"]),
+        ("train.lr=0", ["train.lr", "greater than 0"]),
+        ("train.resampled=true", ["train.samples_per_epoch", "resampled"]),
+        ("collect.source=table", ["collect.table.paths"]),
+        ("train.tokenizer.kind=clip_bpe", ["train.tokenizer.bpe_path"]),
+    ],
+)
+def test_refusals_name_key_and_value(override: str, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_file_refusals_name_key(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  batch_size: -5\n  optimiser: sgd\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(params)
+    assert "train.batch_size" in str(info.value) and "-5" in str(info.value)
+    assert "train.optimiser: unknown key" in str(info.value)
+    params.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(params)
+    params.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(params)
+
+
+@pytest.mark.parametrize("override", ["train.batch_size", "=3", "train..lr=1", "train.batch_size.x=1"])
+def test_malformed_overrides(override: str) -> None:
+    with pytest.raises(ConfigError):
+        load_config(None, [override])
