@@ -130,6 +130,7 @@ class QueriesConfig(Section):
 class FetchConfig(Section):
     threads: PositiveInt = 64
     timeout_s: PositiveFloat = 10.0  # per request: connect and read each
+    total_timeout_s: PositiveFloat | None = None  # whole exchange incl. body (slow-drip bound); None: 3 x timeout_s
     retries: NonNegativeInt = 2
     backoff_base_s: PositiveFloat = 0.5
     max_retry_after_s: PositiveFloat = 30.0
@@ -192,6 +193,9 @@ class DedupConfig(Section):
     decontaminate_synthetic: bool = True  # also the built-in synthetic evaluation sets
     use_dask: bool = False  # partition the near-duplicate search over a Dask cluster (compute section)
     report_examples: PositiveInt = 10
+    # pHash sees grey levels only: a pHash match also needs 8x8 RGB thumbnails within this largest absolute
+    # difference (0-255) to count, so same-layout images in different colours are not merged; null: pHash alone.
+    color_tolerance: Annotated[float, Field(ge=0)] | None = 40.0
 
 
 class ShardConfig(Section):
@@ -211,7 +215,7 @@ class ShardConfig(Section):
 
 class TokenizerConfig(Section):
     kind: Literal["train", "clip_bpe"] = "train"
-    vocab_size: Annotated[int, Field(ge=300)] = 4096  # for kind=train
+    vocab_size: Annotated[int, Field(ge=514)] = 4096  # for kind=train; 514 = 512 byte symbols + 2 specials
     bpe_path: str | None = None  # CLIP's bpe_simple_vocab_16e6.txt.gz, for kind=clip_bpe
     context_length: Annotated[int, Field(ge=4)] = 77
 
@@ -241,8 +245,12 @@ class TrainConfig(Section):
     grad_checkpointing: bool = False
     fsdp: bool = False  # FSDP2 fully_shard; for the large configs
     local_loss: bool = False
-    shuffle_buffer: NonNegativeInt = 1000
+    shuffle_buffer: NonNegativeInt = 1000  # samples per deterministic shuffle window of each data stream
     num_workers: NonNegativeInt = 2  # data loader workers per rank
+    # Logical data streams (docs in clip/train/data.py); None: world_size * max(1, num_workers). Keep it
+    # fixed to resume on a different world size; batch_size must be a multiple, and it of the world size.
+    streams: PositiveInt | None = None
+    model_overrides: dict[str, Any] = Field(default_factory=dict)  # create_model(model, **overrides), e.g. image_size
     gpu_decode: bool = False
     checkpoint_every: PositiveInt = 100  # steps
     keep_checkpoints: PositiveInt = 3

@@ -1,0 +1,455 @@
+"""Candidate sources: where (image, caption) candidates come from, behind one interface.
+
+A source splits its pool into `Partition`s (small, picklable descriptions that a Dask worker can read on its
+own) and yields `Candidate`s from each: a stable `source_key`, the caption, a `url` (the image URL for
+metadata tables; the file path, tar member or synthetic id for local sources) and, for local sources when asked,
+the image itself.
+
+- `table`: (url, caption) metadata tables, Parquet / CSV / TSV / JSONL (CC3M, CC12M, LAION, DataComp style).
+  Read with pyarrow in record batches, never whole: a Parquet file splits into partitions of row groups, a text
+  table is one partition per file, streamed block by block.
+- `folder`: a folder tree of images with sidecar caption files (`cat.jpg` + `cat.txt`).
+- `webdataset`: existing webdataset tars (local paths, brace patterns, s3:// URLs), one partition per tar.
+- `synthetic`: the built-in generator (clip.collect.synthetic), the embedded default.
+
+    source = make_source(cfg.collect)
+    for part in source.partitions():
+        for cand in source.iter_candidates(part): ...
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tarfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from clip.collect import synthetic
+from clip.config import (
+    CollectConfig,
+    FolderSourceConfig,
+    StorageConfig,
+    SyntheticSourceConfig,
+    TableSourceConfig,
+    WebdatasetSourceConfig,
+)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+_TEXT_BLOCK_BYTES = 8 << 20  # pyarrow CSV/JSON block: bounded memory however large the file
+
+
+class SourceError(ValueError):
+    """A source that cannot be read as configured (missing file or column, unknown format); names the culprit."""
+
+
+@dataclass
+class Candidate:
+    source_key: str  # stable identity inside the source: "file:row", a relative path, "tar#key", an index
+    caption: str
+    url: str | None  # table: the image URL to fetch; local sources: where the image is (for the record)
+    image: bytes | Image.Image | None = None  # local sources, when asked for: encoded bytes or rendered pixels
+
+
+@dataclass(frozen=True)
+class Partition:
+    index: int
+    spec: tuple[Any, ...]  # source-specific; picklable
+
+
+class CandidateSource(ABC):
+    """The interface every source implements."""
+
+    name: str = "?"
+    needs_fetch: bool = False  # True: images come from URLs (the fetcher); False: the source holds them
+
+    @abstractmethod
+    def partitions(self) -> list[Partition]:
+        """The pool split into independently readable parts, in a fixed order."""
+
+    @abstractmethod
+    def iter_candidates(self, part: Partition, with_images: bool = False) -> Iterator[Candidate]:
+        """Candidates of one partition, in a fixed order (their position is their row number in the partition)."""
+
+    def load_images(self, part: Partition, rows: Sequence[int]) -> dict[int, Candidate]:
+        """The candidates at `rows` of a partition, with their images (local sources)."""
+        wanted = set(rows)
+        found: dict[int, Candidate] = {}
+        for row, cand in enumerate(self.iter_candidates(part, with_images=True)):
+            if row in wanted:
+                found[row] = cand
+                if len(found) == len(wanted):
+                    break
+        return found
+
+    def vocabulary(self) -> list[str]:
+        """Queries the source knows to be meaningful (the synthetic world's words and phrases).
+
+        When a source has one and no corpus is given, it replaces mining the captions (`from_captions`):
+        template words of generated captions are not worth searching for.
+        """
+        return []
+
+    def size_hint(self) -> int | None:
+        """Number of candidates when known without reading the pool."""
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _expand_local_or_s3(pattern: str, storage_cfg: StorageConfig | None) -> list[str]:
+    """A path, glob or brace pattern -> the sorted files it names (s3:// globs are listed under their prefix)."""
+    import fnmatch
+
+    from braceexpand import braceexpand
+
+    out: list[str] = []
+    for item in braceexpand(pattern):
+        if item.startswith("s3://"):
+            if any(ch in item for ch in "*?["):
+                from clip import storage
+
+                prefix = item[: min(item.index(ch) for ch in "*?[" if ch in item)]
+                prefix = prefix.rsplit("/", 1)[0]
+                out.extend(o.uri for o in storage.list_objects(prefix, storage_cfg) if fnmatch.fnmatch(o.uri, item))
+            else:
+                out.append(item)
+        elif any(ch in item for ch in "*?["):
+            out.extend(sorted(glob.glob(item, recursive=True)))
+        else:
+            out.append(item)
+    return out
+
+
+def _open_binary(uri: str, storage_cfg: StorageConfig | None):
+    if uri.startswith("s3://"):
+        from clip import storage
+
+        return storage.open_read(uri, storage_cfg)
+    if not os.path.exists(uri):
+        raise SourceError(f"input file {uri} does not exist")
+    return open(uri, "rb")
+
+
+def _text_or_empty(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# table
+
+
+def table_format(path: str, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    name = path.lower()
+    for suffix in (".gz", ".bz2", ".zst", ".lz4"):
+        name = name.removesuffix(suffix)
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith(".tsv"):
+        return "tsv"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    raise SourceError(f"cannot tell the table format of {path} from its extension; set collect.table.format")
+
+
+class TableSource(CandidateSource):
+    """(url, caption) rows from Parquet / CSV / TSV / JSONL metadata tables."""
+
+    name = "table"
+    needs_fetch = True
+
+    def __init__(self, cfg: TableSourceConfig, partition_size: int, storage_cfg: StorageConfig | None = None):
+        self.cfg = cfg
+        self.partition_size = partition_size
+        self.storage_cfg = storage_cfg
+        self.files: list[str] = []
+        for pattern in cfg.paths:
+            found = _expand_local_or_s3(pattern, storage_cfg)
+            if not found:
+                raise SourceError(f"collect.table.paths: {pattern} matches no file")
+            self.files.extend(found)
+
+    def _columns(self) -> list[str]:
+        return [self.cfg.url_column, self.cfg.caption_column]
+
+    def _check_columns(self, names: Sequence[str], path: str) -> None:
+        for column, key in ((self.cfg.url_column, "url_column"), (self.cfg.caption_column, "caption_column")):
+            if column not in names:
+                raise SourceError(
+                    f"{path}: no column {column!r} (collect.table.{key}); the file has columns {list(names)}"
+                )
+
+    def partitions(self) -> list[Partition]:
+        import pyarrow.parquet as pq
+
+        parts: list[Partition] = []
+        for path in self.files:
+            fmt = table_format(path, self.cfg.format)
+            if fmt == "parquet":
+                with _open_binary(path, self.storage_cfg) as handle:
+                    meta = pq.ParquetFile(handle).metadata
+                    self._check_columns(meta.schema.names, path)
+                # Consecutive row groups up to ~partition_size rows form one partition.
+                groups: list[int] = []
+                rows = 0
+                for group in range(meta.num_row_groups):
+                    groups.append(group)
+                    rows += meta.row_group(group).num_rows
+                    if rows >= self.partition_size:
+                        parts.append(Partition(len(parts), ("parquet", path, tuple(groups))))
+                        groups, rows = [], 0
+                if groups:
+                    parts.append(Partition(len(parts), ("parquet", path, tuple(groups))))
+            else:
+                with self._text_reader(path, fmt) as (reader, _handle):
+                    self._check_columns(reader.schema.names, path)
+                parts.append(Partition(len(parts), (fmt, path, ())))
+        return parts
+
+    class _Reader:
+        def __init__(self, source: TableSource, path: str, fmt: str) -> None:
+            self.source, self.path, self.fmt = source, path, fmt
+
+        def __enter__(self):
+            import pyarrow as pa
+            import pyarrow.csv as pacsv
+            import pyarrow.json as pajson
+
+            if self.path.startswith("s3://"):
+                self.handle = _open_binary(self.path, self.source.storage_cfg)
+            else:
+                if not os.path.exists(self.path):
+                    raise SourceError(f"input file {self.path} does not exist")
+                # A path (not a file object) lets pyarrow pick the decompressor from the extension (.gz, .zst...).
+                self.handle = pa.input_stream(self.path, compression="detect")
+            try:
+                if self.fmt == "jsonl":
+                    reader = pajson.open_json(
+                        self.handle, read_options=pajson.ReadOptions(block_size=_TEXT_BLOCK_BYTES)
+                    )
+                else:
+                    reader = pacsv.open_csv(
+                        self.handle,
+                        read_options=pacsv.ReadOptions(block_size=_TEXT_BLOCK_BYTES),
+                        parse_options=pacsv.ParseOptions(
+                            delimiter="\t" if self.fmt == "tsv" else ",", newlines_in_values=True
+                        ),
+                        # Everything as text: type inference on the first block could guess wrong for later ones.
+                        convert_options=pacsv.ConvertOptions(
+                            column_types=dict.fromkeys(self.source._columns(), pa.string()),
+                            strings_can_be_null=True,
+                        ),
+                    )
+            except Exception as exc:
+                self.handle.close()
+                raise SourceError(f"{self.path}: cannot be read as {self.fmt}: {exc}") from exc
+            return reader, self.handle
+
+        def __exit__(self, *exc_info: object) -> None:
+            self.handle.close()
+
+    def _text_reader(self, path: str, fmt: str) -> TableSource._Reader:
+        return TableSource._Reader(self, path, fmt)
+
+    def _batches(self, part: Partition) -> Iterator[Any]:
+        import pyarrow.parquet as pq
+
+        fmt, path, groups = part.spec
+        if fmt == "parquet":
+            with _open_binary(path, self.storage_cfg) as handle:
+                yield from pq.ParquetFile(handle).iter_batches(
+                    batch_size=65536, row_groups=list(groups), columns=self._columns()
+                )
+            return
+        with self._text_reader(path, fmt) as (reader, _handle):
+            self._check_columns(reader.schema.names, path)
+            yield from reader
+
+    def iter_candidates(self, part: Partition, with_images: bool = False) -> Iterator[Candidate]:
+        _fmt, path, _groups = part.spec
+        row = 0
+        for batch in self._batches(part):
+            urls = batch.column(batch.schema.get_field_index(self.cfg.url_column)).to_pylist()
+            captions = batch.column(batch.schema.get_field_index(self.cfg.caption_column)).to_pylist()
+            for url, caption in zip(urls, captions, strict=True):
+                yield Candidate(f"{path}:{part.index}:{row}", _text_or_empty(caption), _text_or_empty(url) or None)
+                row += 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# folder
+
+
+class FolderSource(CandidateSource):
+    """Images in a folder tree, each with a sidecar caption file of the same stem."""
+
+    name = "folder"
+
+    def __init__(self, cfg: FolderSourceConfig, partition_size: int) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.path or "")
+        if not self.root.is_dir():
+            raise SourceError(f"collect.folder.path: {self.root} is not a folder")
+        self.partition_size = partition_size
+        # Sorted relative paths: the order, and so the keys, do not depend on the file system.
+        self.images = sorted(
+            str(p.relative_to(self.root)) for p in self.root.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+
+    def partitions(self) -> list[Partition]:
+        return [
+            Partition(i, ("folder", tuple(self.images[start:start + self.partition_size])))
+            for i, start in enumerate(range(0, len(self.images), self.partition_size))
+        ]
+
+    def size_hint(self) -> int | None:
+        return len(self.images)
+
+    def iter_candidates(self, part: Partition, with_images: bool = False) -> Iterator[Candidate]:
+        for rel in part.spec[1]:
+            yield self._candidate(rel, with_images)
+
+    def _candidate(self, rel: str, with_images: bool) -> Candidate:
+        image_path = self.root / rel
+        sidecar = image_path.with_suffix(self.cfg.caption_extension)
+        caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else ""
+        return Candidate(rel, caption, str(image_path), image_path.read_bytes() if with_images else None)
+
+    def load_images(self, part: Partition, rows: Sequence[int]) -> dict[int, Candidate]:
+        names = part.spec[1]
+        return {row: self._candidate(names[row], True) for row in rows}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# webdataset
+
+
+class WebdatasetSource(CandidateSource):
+    """Samples of existing webdataset tars: members sharing a key prefix form one sample."""
+
+    name = "webdataset"
+
+    def __init__(self, cfg: WebdatasetSourceConfig, storage_cfg: StorageConfig | None = None) -> None:
+        self.cfg = cfg
+        self.storage_cfg = storage_cfg
+        self.tars: list[str] = []
+        for pattern in cfg.urls:
+            found = _expand_local_or_s3(pattern, storage_cfg)
+            if not found:
+                raise SourceError(f"collect.webdataset.urls: {pattern} matches no tar")
+            self.tars.extend(found)
+
+    def partitions(self) -> list[Partition]:
+        for tar in self.tars:
+            if not tar.startswith("s3://") and not os.path.isfile(tar):
+                raise SourceError(f"collect.webdataset.urls: {tar} does not exist")
+        return [Partition(i, ("webdataset", tar)) for i, tar in enumerate(self.tars)]
+
+    def _samples(self, tar_uri: str, with_images: bool) -> Iterator[tuple[str, dict[str, bytes], set[str]]]:
+        """(key, {extension: bytes}, extensions present) per sample, streaming; image members are read only when asked for."""
+        wanted = {self.cfg.caption_key, *self.cfg.image_keys} if with_images else {self.cfg.caption_key}
+        current_key: str | None = None
+        fields: dict[str, bytes] = {}
+        seen: set[str] = set()
+        with _open_binary(tar_uri, self.storage_cfg) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition("/")
+                if base.startswith("."):
+                    continue
+                stem, dot, ext = base.partition(".")
+                if not dot:
+                    continue
+                key = f"{folder}/{stem}" if folder else stem
+                if key != current_key:
+                    if current_key is not None:
+                        yield current_key, fields, seen
+                    current_key, fields, seen = key, {}, set()
+                ext = ext.lower()
+                seen.add(ext)
+                if ext in wanted:
+                    handle = tar.extractfile(member)
+                    if handle is not None:
+                        fields[ext] = handle.read()
+            if current_key is not None:
+                yield current_key, fields, seen
+
+    def iter_candidates(self, part: Partition, with_images: bool = False) -> Iterator[Candidate]:
+        tar_uri = part.spec[1]
+        for key, fields, seen in self._samples(tar_uri, with_images):
+            if not any(k in seen for k in self.cfg.image_keys):
+                continue  # no image: not a candidate (e.g. a metadata-only member)
+            caption = fields.get(self.cfg.caption_key, b"").decode("utf-8", errors="replace").strip()
+            image = None
+            if with_images:
+                image = next((fields[k] for k in self.cfg.image_keys if k in fields), None)
+            yield Candidate(f"{tar_uri}#{key}", caption, f"{tar_uri}#{key}", image)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# synthetic
+
+
+class SyntheticSource(CandidateSource):
+    """The built-in generator; candidate i is scene i of the training stream for `seed`."""
+
+    name = "synthetic"
+
+    def __init__(self, cfg: SyntheticSourceConfig, partition_size: int, seed: int) -> None:
+        self.cfg = cfg
+        self.partition_size = partition_size
+        self.seed = seed
+
+    def partitions(self) -> list[Partition]:
+        n = self.cfg.num_samples
+        return [
+            Partition(i, ("synthetic", start, min(n, start + self.partition_size)))
+            for i, start in enumerate(range(0, n, self.partition_size))
+        ]
+
+    def size_hint(self) -> int | None:
+        return self.cfg.num_samples
+
+    def _candidate(self, index: int, with_images: bool) -> Candidate:
+        scene = synthetic.make_scene(self.seed, index, heldout_fraction=self.cfg.heldout_fraction)
+        image = synthetic.render_scene(scene, self.cfg.image_size) if with_images else None
+        return Candidate(str(index), scene.caption, f"synthetic://{self.seed}/{index}", image)
+
+    def iter_candidates(self, part: Partition, with_images: bool = False) -> Iterator[Candidate]:
+        _, start, stop = part.spec
+        for index in range(start, stop):
+            yield self._candidate(index, with_images)
+
+    def load_images(self, part: Partition, rows: Sequence[int]) -> dict[int, Candidate]:
+        start = part.spec[1]
+        return {row: self._candidate(start + row, True) for row in rows}
+
+    def vocabulary(self) -> list[str]:
+        return synthetic.vocabulary(self.cfg.heldout_fraction)
+
+
+def make_source(cfg: CollectConfig, storage_cfg: StorageConfig | None = None) -> CandidateSource:
+    """The source `collect.source` names, built from its section."""
+    if cfg.source == "table":
+        return TableSource(cfg.table, cfg.partition_size, storage_cfg)
+    if cfg.source == "folder":
+        return FolderSource(cfg.folder, cfg.partition_size)
+    if cfg.source == "webdataset":
+        return WebdatasetSource(cfg.webdataset, storage_cfg)
+    if cfg.source == "synthetic":
+        return SyntheticSource(cfg.synthetic, cfg.partition_size, cfg.seed)
+    raise SourceError(f"unknown collect.source {cfg.source!r}")
+

@@ -1,0 +1,156 @@
+"""Shards: round trip through webdataset's reader, size limits, determinism, manifest/sizes, local republish."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from test_dedup_support import write_keep, write_unique_pool
+
+from clip.config import ShardConfig, config_from_dict
+from clip.shards import DeterministicTarWriter, data_version, run_sharding
+
+NUM_SAMPLES = 90
+RAW_PER_SHARD = 20
+
+
+@pytest.fixture(scope="module")
+def raw_pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, bytes]], dict[str, str]]:
+    """Raw shards plus a keep table holding every sample but every 7th (so the shards must leave some out)."""
+    root = tmp_path_factory.mktemp("pool")
+    samples = write_unique_pool(root / "raw", NUM_SAMPLES, RAW_PER_SHARD, seed=1)
+    keep = {key: f"raw-{i // RAW_PER_SHARD:05d}.tar" for i, key in enumerate(sorted(samples)) if i % 7 != 3}
+    write_keep(root / "dedup", keep)
+    return root, samples, keep
+
+
+def shard_cfg(root: Path, out: Path, **overrides) -> ShardConfig:
+    values = {"input_dir": str(root / "raw"), "dedup_dir": str(root / "dedup"), "output": str(out),
+              "staging_dir": str(out.parent / f"{out.name}-staging"), "samples_per_shard": 11,
+              "max_shard_bytes": 40_000, "seed": 0}
+    values.update(overrides)
+    return ShardConfig(**values)
+
+
+def check_published(out: Path) -> dict:
+    """manifest.json and sizes.json agree with the tars on disk; returns the manifest."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    sizes = json.loads((out / "sizes.json").read_text())
+    tars = sorted(p.name for p in out.glob("shard-*.tar"))
+    assert [s["name"] for s in manifest["shards"]] == tars
+    assert sizes == {s["name"]: s["samples"] for s in manifest["shards"]}
+    for entry in manifest["shards"]:
+        data = (out / entry["name"]).read_bytes()
+        assert len(data) == entry["bytes"]
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            names = tar.getnames()
+        assert len(names) == 3 * entry["samples"]
+    assert manifest["total_samples"] == sum(sizes.values())
+    assert manifest["data_version"] == data_version(manifest["shards"])
+    assert manifest["format"] == "clip-pipeline/shards/v1"
+    return manifest
+
+
+def test_round_trip_with_webdataset_reader(raw_pool, tmp_path: Path) -> None:
+    root, samples, keep = raw_pool
+    out = tmp_path / "shards"
+    metrics = run_sharding(shard_cfg(root, out))
+    manifest = check_published(out)
+    assert metrics["data_version"] == manifest["data_version"]
+    urls = [str(out / s["name"]) for s in manifest["shards"]]
+    seen = []
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        key = sample["__key__"]
+        seen.append(key)
+        assert sample["jpg"] == samples[key]["jpg"]
+        assert sample["txt"] == samples[key]["txt"]
+        assert sample["json"] == samples[key]["json"]
+        assert set(sample) - {"__key__", "__url__", "__local_path__"} == {"jpg", "txt", "json"}
+    assert sorted(seen) == sorted(keep) and len(seen) == len(set(seen))  # every kept sample exactly once
+    # Shuffled: not in key order, and the first shard mixes several raw shards.
+    assert seen != sorted(seen)
+    first = seen[:manifest["shards"][0]["samples"]]
+    assert len({keep[k] for k in first}) >= 3
+
+
+def test_shard_size_limits(raw_pool, tmp_path: Path) -> None:
+    root, _, keep = raw_pool
+    out = tmp_path / "shards"
+    run_sharding(shard_cfg(root, out, samples_per_shard=9, max_shard_bytes=30_000))
+    manifest = check_published(out)
+    counts = [s["samples"] for s in manifest["shards"]]
+    assert all(c <= 9 for c in counts) and sum(counts) == len(keep)
+    assert all(s["bytes"] <= 30_000 for s in manifest["shards"] if s["samples"] > 1)
+    assert any(c < 9 for c in counts[:-1])  # the byte limit cut some shards before the count limit
+    # Count limit alone: all shards full but the last.
+    out2 = tmp_path / "by-count"
+    run_sharding(shard_cfg(root, out2, samples_per_shard=10, max_shard_bytes=10**9))
+    counts2 = [s["samples"] for s in check_published(out2)["shards"]]
+    assert counts2[:-1] == [10] * (len(counts2) - 1)
+
+
+def test_rerun_is_byte_identical_and_seed_changes_version(raw_pool, tmp_path: Path) -> None:
+    root, _, _ = raw_pool
+    first = run_sharding(shard_cfg(root, tmp_path / "a"))
+    second = run_sharding(shard_cfg(root, tmp_path / "b"))
+    again = run_sharding(shard_cfg(root, tmp_path / "a"))  # same folder again
+    assert first["data_version"] == second["data_version"] == again["data_version"]
+    for tar in (tmp_path / "a").glob("shard-*.tar"):
+        assert tar.read_bytes() == (tmp_path / "b" / tar.name).read_bytes()
+        with tarfile.open(tar) as archive:
+            for member in archive.getmembers():
+                assert (member.mtime, member.uid, member.gid, member.uname, member.gname, member.mode) == \
+                    (0, 0, 0, "", "", 0o644)
+    other = run_sharding(shard_cfg(root, tmp_path / "c", seed=1))
+    assert other["data_version"] != first["data_version"]
+
+
+def test_republish_replaces_version_and_removes_stale_shards(raw_pool, tmp_path: Path) -> None:
+    root, _, keep = raw_pool
+    out = tmp_path / "shards"
+    run_sharding(shard_cfg(root, out, samples_per_shard=5))
+    many = len(list(out.glob("shard-*.tar")))
+    metrics = run_sharding(shard_cfg(root, out, samples_per_shard=40, max_shard_bytes=10**9, seed=3))
+    manifest = check_published(out)  # no stale shard-*.tar left beside the new manifest
+    assert len(manifest["shards"]) < many and metrics["removed_stale"] == many - len(manifest["shards"])
+    assert manifest["total_samples"] == len(keep)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staged temp files left
+
+
+def test_tar_writer_matches_tarfile_reading(tmp_path: Path) -> None:
+    path = tmp_path / "x.tar"
+    members = {"jpg": b"\xff\xd8" + bytes(range(256)) * 3, "txt": b"a cat", "json": b"{}"}
+    with open(path, "wb") as handle:
+        writer = DeterministicTarWriter(handle)
+        writer.add_sample("000000001", members)
+        writer.add("000000002.txt", b"")
+        writer.close()
+    data = path.read_bytes()
+    assert len(data) == writer.bytes_written and len(data) % 10240 == 0
+    assert hashlib.sha256(data).hexdigest() == writer.sha256
+    with tarfile.open(path) as tar:
+        assert tar.getnames() == ["000000001.jpg", "000000001.json", "000000001.txt", "000000002.txt"]
+        assert tar.extractfile("000000001.jpg").read() == members["jpg"]
+
+
+def test_missing_keep_table_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="keep.parquet"):
+        run_sharding(ShardConfig(input_dir=str(tmp_path), dedup_dir=str(tmp_path / "nope"),
+                                 output=str(tmp_path / "out")))
+
+
+def test_pipeline_entry_point(raw_pool, tmp_path: Path) -> None:
+    from pipelines import shard as stage
+
+    root, _, keep = raw_pool
+    cfg = config_from_dict({"shard": shard_cfg(root, tmp_path / "out").model_dump()})
+    metrics = stage.run(cfg)
+    on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert on_disk["total_samples"] == len(keep) == metrics["total_samples"]
+    assert on_disk["data_version"] == check_published(tmp_path / "out")["data_version"]
