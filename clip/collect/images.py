@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -109,7 +110,11 @@ def decode_image(data: bytes, cfg: FetchConfig) -> Image.Image:
         if image.format == "JPEG":
             # Let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) when the result is still >= max_side:
             # much less work for large photos, same result after the resize below.
-            image.draft("RGB", (cfg.max_side, cfg.max_side))
+            # Ask for the target size itself: draft keeps both sides >= the request, so asking for a square
+            # (max_side, max_side) would forbid e.g. the 1/2 scale of a 4:3 photo whose short side ends below it.
+            scale = cfg.max_side / max(image.width, image.height)
+            if scale < 1:
+                image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
         try:
             image.load()
         except Image.DecompressionBombError as exc:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -112,6 +114,34 @@ def _sample_meta(entry: ShardEntry, source_name: str, image: Any) -> dict[str, A
     }
 
 
+_SHARED_FETCHERS: dict[tuple[int, str], Any] = {}
+_SHARED_FETCHERS_LOCK = threading.Lock()
+
+
+def shared_fetcher(fetch_cfg: FetchConfig) -> Any:
+    """One Fetcher per process and fetch config, reused by every shard task that process runs.
+
+    Its resolver cache, connection pools and per-host limits then span the whole run rather than one shard:
+    a pool of many URLs on few hosts does one look-up per host (per TTL), and the per-host concurrency and
+    rate limits hold across shards built by the same process.
+    """
+    from clip.collect.fetch import Fetcher
+
+    key = (os.getpid(), fetch_cfg.model_dump_json())
+    with _SHARED_FETCHERS_LOCK:
+        fetcher = _SHARED_FETCHERS.get(key)
+        if fetcher is None:
+            fetcher = _SHARED_FETCHERS[key] = Fetcher(fetch_cfg)
+        return fetcher
+
+
+def close_shared_fetchers() -> None:
+    with _SHARED_FETCHERS_LOCK:
+        for fetcher in _SHARED_FETCHERS.values():
+            fetcher.close()
+        _SHARED_FETCHERS.clear()
+
+
 def build_shard(
     source: CandidateSource, parts: dict[int, Partition], fetch_cfg: FetchConfig, output_uri: str,
     storage_cfg: StorageConfig | None, task: ShardTask,
@@ -127,22 +157,24 @@ def build_shard(
         statuses[i] = {"status": "ok", "reason": None, "retryable": False, **extra}
 
     if source.needs_fetch:
-        from clip.collect.fetch import Fetcher
+        from clip.collect.fetch import latency_summary
 
         with_url = [i for i, e in enumerate(task.entries) if e.url]
         for i, entry in enumerate(task.entries):
             if not entry.url:
                 statuses[i] = {"status": "failed", "reason": "missing_url", "retryable": False}
-        with Fetcher(fetch_cfg) as fetcher:
-            for j, result in fetcher.fetch_many([task.entries[i].url for i in with_url]):
-                i = with_url[j]
-                timing = {"dns_ms": result.dns_ms, "download_ms": result.download_ms}
-                if result.status == "ok" and result.image is not None:
-                    ok(i, task.entries[i], result.image, **timing)
-                else:
-                    statuses[i] = {"status": result.status, "reason": result.reason,
-                                   "retryable": bool(result.retryable), **timing}
-            latency = fetcher.latency_stats()
+        fetcher = shared_fetcher(fetch_cfg)
+        shard_results = []
+        for j, result in fetcher.fetch_many([task.entries[i].url for i in with_url]):
+            shard_results.append(result)
+            i = with_url[j]
+            timing = {"dns_ms": result.dns_ms, "download_ms": result.download_ms}
+            if result.status == "ok" and result.image is not None:
+                ok(i, task.entries[i], result.image, **timing)
+            else:
+                statuses[i] = {"status": result.status, "reason": result.reason,
+                               "retryable": bool(result.retryable), **timing}
+        latency = latency_summary(shard_results)
     else:
         by_partition: dict[int, list[int]] = {}
         for i, entry in enumerate(task.entries):
@@ -304,6 +336,16 @@ def run_collect(
     `use_dask`: None decides by size (a local cluster only for many partitions / shards, or always with
     `compute.dask_scheduler`); True / False force it.
     """
+    try:
+        return _run_collect(cfg, compute, storage_cfg, use_dask=use_dask, show_progress=show_progress)
+    finally:
+        close_shared_fetchers()  # in-process shard tasks share this process's fetcher; Dask workers exit with theirs
+
+
+def _run_collect(
+    cfg: CollectConfig, compute: ComputeConfig | None, storage_cfg: StorageConfig | None, *,
+    use_dask: bool | None, show_progress: bool,
+) -> dict[str, Any]:
     compute = compute or ComputeConfig()
     started = time.monotonic()
     source = make_source(cfg, storage_cfg)
