@@ -1,0 +1,160 @@
+"""Load weights: OpenAI's released CLIP files (plain state dicts or TorchScript .pt archives) and this
+project's checkpoints (docs/formats.md: a dict with `model` and `model_config`).
+
+    model = load_checkpoint("ViT-B-32.pt")            # architecture read off the weights' shapes
+    load_openai_state_dict(create_model("RN50"), "RN50.pt")
+
+Loading is strict: any missing, unexpected or wrongly shaped key raises `StateDictMismatchError`
+naming the first offenders.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clip.model.config import CLIPConfig, TextConfig, VisionConfig
+from clip.model.model import CLIP, create_model_from_config
+
+# Entries in OpenAI's TorchScript archives that are attributes of the module, not weights.
+_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class StateDictMismatchError(ValueError):
+    """A state dict that does not fit the model; the message names the first offending keys."""
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        # TorchScript archives hold the module's code next to its data; torch.save archives do not.
+        return any(
+            re.search(r"(^|/)code/", name) or name.endswith("/constants.pkl") for name in archive.namelist()
+        )
+
+
+def read_weights(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A local file (torch.save'd dict, loaded with weights_only=True, or a TorchScript archive) -> its dict."""
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if _is_torchscript_archive(path):
+        # OpenAI's released .pt files are TorchScript modules; only their state dict is used, no code is run.
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore", FutureWarning
+            )  # torch.jit.load is deprecated, still the only reader
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a dict of weights, got {type(loaded).__name__}")
+    return loaded
+
+
+def extract_state_dict(data: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model weights inside `data`: our checkpoint's `model`, a training `state_dict` (DDP's
+    `module.` prefix removed) or `data` itself; OpenAI's non-weight entries dropped."""
+    if isinstance(data.get("model"), dict):
+        data = data["model"]
+    elif isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if data and all(k.startswith("module.") for k in data):
+        data = {k[len("module.") :]: v for k, v in data.items()}
+    return {k: v for k, v in data.items() if k not in _NON_WEIGHT_KEYS}
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], show: int = 5) -> None:
+    """Raise StateDictMismatchError unless `state_dict` has exactly the model's keys with its shapes."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", wrong_shape),
+        ):
+            if items:
+                more = f" (+{len(items) - show} more)" if len(items) > show else ""
+                parts.append(f"{label} ({len(items)}): {', '.join(items[:show])}{more}")
+        raise StateDictMismatchError("state dict does not match the model: " + "; ".join(parts))
+
+
+def load_openai_state_dict(model: CLIP, source: str | Path | dict[str, Any]) -> CLIP:
+    """Copy weights in OpenAI's layout (file or dict) into `model`, strictly; returns the model."""
+    state_dict = extract_state_dict(read_weights(source))
+    check_state_dict(model, state_dict)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _count_blocks(state_dict: dict[str, Any], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for k in state_dict if (m := pattern.match(k))}
+    return len(indices)
+
+
+def config_from_state_dict(state_dict: dict[str, Any], quick_gelu: bool = True) -> CLIPConfig:
+    """Read the architecture off OpenAI-layout weights (the activation cannot be: OpenAI's is QuickGELU)."""
+    sd = extract_state_dict(state_dict)
+    try:
+        if "visual.proj" in sd:  # Vision Transformer
+            width = sd["visual.conv1.weight"].shape[0]
+            patch = sd["visual.conv1.weight"].shape[-1]
+            grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+            vision = VisionConfig(
+                image_size=patch * grid,
+                layers=_count_blocks(sd, "visual.transformer.resblocks."),
+                width=width,
+                patch_size=patch,
+                mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+            )
+        else:  # modified ResNet
+            spatial = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+            vision = VisionConfig(
+                image_size=spatial * 32,
+                layers=tuple(_count_blocks(sd, f"visual.layer{i}.") for i in range(1, 5)),  # type: ignore[arg-type]
+                width=sd["visual.layer1.0.conv1.weight"].shape[0],
+                patch_size=None,
+            )
+        text_width = sd["ln_final.weight"].shape[0]
+        text = TextConfig(
+            context_length=sd["positional_embedding"].shape[0],
+            vocab_size=sd["token_embedding.weight"].shape[0],
+            width=text_width,
+            heads=text_width // 64,
+            layers=_count_blocks(sd, "transformer.resblocks."),
+            mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width,
+        )
+        embed_dim = sd["text_projection"].shape[1]
+    except KeyError as exc:
+        raise StateDictMismatchError(f"not a CLIP state dict in OpenAI's layout: no key {exc}") from None
+    return CLIPConfig(
+        embed_dim=embed_dim, vision=vision, text=text, quick_gelu=quick_gelu, name="from-weights"
+    )
+
+
+def load_checkpoint(source: str | Path | dict[str, Any], model: CLIP | None = None) -> CLIP:
+    """Load weights into `model`, or build the model first: from the checkpoint's `model_config` when it
+    has one (our checkpoints), else from the weights' shapes (OpenAI's releases, QuickGELU)."""
+    data = read_weights(source)
+    if model is None:
+        if isinstance(data.get("model_config"), dict):
+            model = create_model_from_config(data["model_config"])
+        else:
+            model = create_model_from_config(config_from_state_dict(data))
+    return load_openai_state_dict(model, data)

@@ -1,0 +1,160 @@
+"""The CLIP module: an image encoder and a text encoder joined by a learned temperature.
+
+    model = create_model("tiny-vit", vocab_size=tokenizer.vocab_size)
+    out = model(images, tokens)  # CLIPOutput: normalised features [N, embed_dim] and exp'd logit scale
+    logits = out.logit_scale * out.image_features @ out.text_features.T
+
+State dict layout = OpenAI's released weights (`visual.*`, `token_embedding.weight`, `positional_embedding`,
+`transformer.resblocks.*`, `ln_final.*`, `text_projection`, `logit_scale`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip.model.config import CLIPConfig, get_config
+from clip.model.transformer import Transformer
+from clip.model.vision import ModifiedResNet, VisionTransformer
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = 100.0
+
+
+@dataclass
+class CLIPOutput:
+    image_features: torch.Tensor  # [N, embed_dim], unit norm
+    text_features: torch.Tensor  # [N, embed_dim], unit norm
+    logit_scale: torch.Tensor  # scalar: exp(log scale), clamped at 100
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__()
+        self.config = config
+        v, t = config.vision, config.text
+        self.visual: nn.Module
+        if v.is_resnet:
+            self.visual = ModifiedResNet(v, config.embed_dim)
+        else:
+            self.visual = VisionTransformer(v, config.embed_dim, config.quick_gelu)
+        self.context_length = t.context_length
+        self.vocab_size = t.vocab_size
+        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+        self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
+        self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio, config.quick_gelu)
+        self.ln_final = nn.LayerNorm(t.width)
+        self.text_projection = nn.Parameter(torch.empty(t.width, config.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        # Run the text encoder only up to the last end-of-text token of the batch (rounded up to 8).
+        # Exact: attention is causal, so positions after a sequence's end-of-text never reach its pooled row.
+        self.trim_text_padding = True
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        width = self.text_projection.shape[0]
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        self.transformer.init_weights()
+        nn.init.normal_(self.text_projection, std=width**-0.5)
+        with torch.no_grad():
+            self.logit_scale.fill_(LOGIT_SCALE_INIT)
+
+    # ------------------------------------------------------------------------------------------------
+    # options that change speed / memory, never results
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them (both towers)."""
+        self.visual.set_grad_checkpointing(enabled)
+        self.transformer.grad_checkpointing = enabled
+
+    def set_channels_last(self, enabled: bool = True) -> None:
+        """ResNet towers: keep convolution weights and activations in NHWC (faster convs); no-op for ViTs."""
+        if isinstance(self.visual, ModifiedResNet):
+            fmt = torch.channels_last if enabled else torch.contiguous_format
+            for module in self.visual.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+            self.visual.channels_last = enabled
+
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        size = self.config.vision.image_size
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(
+                f"images must be a torch.Tensor of shape [N, 3, {size}, {size}], got {type(images).__name__}"
+            )
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(f"expected images of shape [N, 3, {size}, {size}], got {list(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"expected floating-point images (normalised pixels), got dtype {images.dtype}")
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        ctx = self.context_length
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor of shape [N, {ctx}], got {type(tokens).__name__}")
+        if tokens.ndim != 2 or tokens.shape[1] > ctx or tokens.shape[1] == 0:
+            raise ValueError(
+                f"expected tokens of shape [N, L] with 1 <= L <= {ctx}, got {list(tokens.shape)}"
+            )
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"expected integer token ids (int64 or int32), got dtype {tokens.dtype}")
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """images [N, 3, S, S] (normalised pixels) -> features [N, embed_dim]."""
+        self._check_images(images)
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """tokens [N, L<=context_length] -> features [N, embed_dim], pooled at the end-of-text token.
+
+        The end-of-text token has the highest id, so its position is `tokens.argmax(-1)` (OpenAI's rule).
+        """
+        self._check_tokens(tokens)
+        eot = tokens.argmax(dim=-1)  # [N]
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            # Eager only (compiled / exported graphs stay static, full length). One host sync gives the
+            # id range check and the trim length.
+            max_id, min_id, last_eot = torch.stack(
+                [tokens.max().long(), tokens.min().long(), eot.max()]
+            ).tolist()
+            if max_id >= self.vocab_size or min_id < 0:
+                bad = max_id if max_id >= self.vocab_size else min_id
+                raise ValueError(f"token id {bad} out of range for vocab_size {self.vocab_size}")
+            if self.trim_text_padding:
+                used = min(tokens.shape[1], -(-(last_eot + 1) // 8) * 8)
+                tokens = tokens[:, :used]
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # [N, L, W]
+        x = self.transformer.forward_pooled(x, eot, causal=True)  # [N, W]
+        features = self.ln_final(x) @ self.text_projection  # [N, embed_dim]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> CLIPOutput:
+        return CLIPOutput(
+            image_features=self.encode_image(images),
+            text_features=self.encode_text(tokens),
+            logit_scale=self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX),
+        )
+
+
+def create_model_from_config(config: CLIPConfig | dict[str, Any]) -> CLIP:
+    """Build from a `CLIPConfig` or its `to_dict()` (e.g. a checkpoint's `model_config`)."""
+    if isinstance(config, dict):
+        config = CLIPConfig.from_dict(config)
+    return CLIP(config)
+
+
+def create_model(name: str, **overrides: Any) -> CLIP:
+    """Build the named preset (`list_models()`) with random weights; overrides as in `get_config`."""
+    return CLIP(get_config(name, **overrides))

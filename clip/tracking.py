@@ -1,0 +1,148 @@
+"""MLflow helpers shared by the training, export, evaluation and promotion stages.
+
+    tracker = Tracker(cfg.tracking)                 # enabled=False (or not rank 0): every call is a no-op
+    tracker.start("train", params=cfg.model_dump(), tags={"data_version": v})
+    tracker.log_metrics({"loss": 1.2}, step=10)
+    tracker.log_artifact("models/checkpoints/final.pt")
+    tracker.end()                                   # or use `with tracker.run(...)`
+
+Runs are created through `MlflowClient` on `tracking.uri` (no process-wide MLflow state is changed). The
+experiment is created with `tracking.artifact_location` when it does not exist yet. Params are the config
+flattened to dotted keys. The git commit of the working tree (when in a git repository) is a tag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from clip.config import TrackingConfig
+
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+PARAMS_PER_BATCH = 100  # MLflow's limit on params per log_batch call
+
+
+def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 0.1, "tokenizer": {"kind": "train"}}} -> {"train.lr": "0.1", "train.tokenizer.kind": "train"}."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, name + "."))
+        else:
+            text = "" if value is None else str(value)
+            flat[name] = text[:MAX_PARAM_LENGTH]
+    return flat
+
+
+def git_commit(path: str | Path = ".") -> str | None:
+    """HEAD's commit of the git repository containing `path`, or None (not a repository, no git)."""
+    try:
+        result = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else None
+
+
+def artifact_location_uri(location: str) -> str:
+    """A local folder becomes an absolute file: URI (MLflow stores it verbatim); URIs pass through."""
+    if "://" in location or location.startswith("file:"):
+        return location
+    return Path(location).resolve().as_uri()
+
+
+class Tracker:
+    """One MLflow run, or nothing at all when tracking is disabled / this is not the logging process."""
+
+    def __init__(self, cfg: TrackingConfig, active: bool = True) -> None:
+        self.cfg = cfg
+        self.enabled = bool(cfg.enabled and active)
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.cfg.uri)
+        return self._client
+
+    def ensure_experiment(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.cfg.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(
+                self.cfg.experiment, artifact_location=artifact_location_uri(self.cfg.artifact_location))
+        except Exception:  # created meanwhile by another process
+            experiment = self.client.get_experiment_by_name(self.cfg.experiment)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def start(self, run_name: str, params: Mapping[str, Any] | None = None,
+              tags: Mapping[str, str | None] | None = None) -> str | None:
+        if not self.enabled:
+            return None
+        from mlflow.entities import Param
+
+        self.experiment_id = self.ensure_experiment()
+        all_tags = {"git_commit": git_commit(Path.cwd())}
+        all_tags.update(tags or {})
+        clean_tags = {k: str(v) for k, v in all_tags.items() if v is not None}
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=clean_tags)
+        self.run_id = run.info.run_id
+        flat = list(flatten_params(params or {}).items())
+        for start in range(0, len(flat), PARAMS_PER_BATCH):
+            batch = [Param(k, v) for k, v in flat[start:start + PARAMS_PER_BATCH]]
+            self.client.log_batch(self.run_id, params=batch)
+        return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        for key, value in tags.items():
+            if value is not None:
+                self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        self.client.set_terminated(self.run_id, status=status)
+
+    @contextlib.contextmanager
+    def run(self, run_name: str, params: Mapping[str, Any] | None = None,
+            tags: Mapping[str, str | None] | None = None) -> Iterator[Tracker]:
+        """`with tracker.run(...)`: the run ends FINISHED, or FAILED when the body raises."""
+        self.start(run_name, params, tags)
+        try:
+            yield self
+        except BaseException:
+            self.end("FAILED")
+            raise
+        self.end("FINISHED")

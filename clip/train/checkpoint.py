@@ -1,0 +1,100 @@
+"""Training checkpoints on the storage layer (local folder or s3:// prefix), format in docs/formats.md.
+
+`step-NNNNNNNN.pt` every `checkpoint_every` steps and `final.pt` at the end: a plain dict of tensors and
+primitive types (loadable with `torch.load(..., weights_only=True)`), serialised into memory and written with
+`clip.storage.write_bytes` (atomic: a reader sees the whole object or nothing). Only the newest
+`keep_checkpoints` step checkpoints are kept. `latest_checkpoint()` finds the newest loadable one, so a run
+started again with the same output resumes by itself.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from clip import storage
+from clip.config import StorageConfig
+
+STEP_PATTERN = re.compile(r"step-(\d{8})\.pt$")
+FINAL_NAME = "final.pt"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """torch / numpy / python RNG states as tensors and primitive types (weights_only-safe)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(np_kind), "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": int(py_version), "internal": list(py_internal), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(uri: str, checkpoint: dict[str, Any], storage_cfg: StorageConfig | None = None) -> None:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    storage.write_bytes(uri, buffer.getvalue(), storage_cfg)
+
+
+def load_checkpoint_dict(uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
+    data = storage.read_bytes(uri, storage_cfg)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def list_step_checkpoints(output: str, storage_cfg: StorageConfig | None = None) -> list[tuple[int, str]]:
+    """(step, uri) of the step checkpoints directly in `output`, oldest first."""
+    found = []
+    for info in storage.get_storage(output, storage_cfg).list(output):
+        name = info.uri.rstrip("/").rsplit("/", 1)[-1]
+        rel = info.uri[len(output.rstrip("/")) + 1:] if info.uri.startswith(output.rstrip("/")) else name
+        match = STEP_PATTERN.match(name)
+        if match and "/" not in rel:
+            found.append((int(match.group(1)), info.uri))
+    return sorted(found)
+
+
+def latest_checkpoint(output: str, storage_cfg: StorageConfig | None = None) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint that loads (final.pt first, then step checkpoints newest first), or None."""
+    candidates = []
+    final_uri = storage.join(output, FINAL_NAME)
+    if storage.exists(final_uri, storage_cfg):
+        candidates.append(final_uri)
+    candidates += [uri for _step, uri in reversed(list_step_checkpoints(output, storage_cfg))]
+    for uri in candidates:
+        try:
+            return uri, load_checkpoint_dict(uri, storage_cfg)
+        except Exception:  # an unreadable object (e.g. a foreign partial upload): fall back to an older one
+            continue
+    return None
+
+
+def prune_checkpoints(output: str, keep: int, storage_cfg: StorageConfig | None = None) -> list[str]:
+    """Delete all but the newest `keep` step checkpoints; returns the deleted URIs."""
+    steps = list_step_checkpoints(output, storage_cfg)
+    doomed = [uri for _step, uri in steps[: max(0, len(steps) - keep)]]
+    for uri in doomed:
+        storage.delete(uri, storage_cfg)
+    return doomed

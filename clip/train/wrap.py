@@ -1,0 +1,83 @@
+"""Wrap the single-device CLIP module for training, in ONE fixed order (the model code knows none of this):
+
+1. move to the device (fp32 master weights; bf16 comes from autocast in the loop, not from casting weights);
+2. activation checkpointing (`model.set_grad_checkpointing(True)`): a property of the blocks, so it must be
+   set before any wrapper hides the module;
+3. the data-parallel wrapper, when the world size is above one:
+   - FSDP2 (`train.fsdp`): `fully_shard` on every residual block of both towers, then on the root module
+     (parameters become DTensors sharded over ranks; the optimizer is built after this step). Scalar
+     parameters (the logit scale) stay replicated: fully_shard refuses 0-d tensors, so their gradients are
+     averaged over ranks by the loop;
+   - otherwise DDP (`DistributedDataParallel`, gradients all-reduced in buckets during backward);
+4. `torch.compile` last (`train.compile`), on the wrapped module, so DDP's bucketing / FSDP's hooks are seen
+   by the compiler (torch's recommended order).
+
+`Wrapped.module` is the step-2 module for state dicts (with FSDP: the sharded root); `Wrapped.forward_module`
+is what the loop calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from clip.train.distributed import DistInfo
+
+
+@dataclass
+class Wrapped:
+    module: nn.Module  # the (possibly FSDP-sharded) model: state dicts and the optimizer use this one
+    forward_module: nn.Module  # what the training loop calls (DDP and/or compiled wrapper)
+    kind: str  # "none" | "ddp" | "fsdp"
+    # FSDP only: parameters left out of sharding (scalars such as logit_scale, which fully_shard refuses);
+    # the loop averages their gradients over ranks itself (`sync_replicated_grads`).
+    replicated: list[nn.Parameter] = field(default_factory=list)
+
+    def sync_replicated_grads(self, world_size: int) -> None:
+        import torch.distributed as dist
+
+        for param in self.replicated:
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad.div_(world_size)
+
+
+def _residual_blocks(model: nn.Module) -> list[nn.Module]:
+    from clip.model.transformer import ResidualAttentionBlock
+
+    return [m for m in model.modules() if isinstance(m, ResidualAttentionBlock)]
+
+
+def wrap_model(model: nn.Module, info: DistInfo, *, grad_checkpointing: bool = False, fsdp: bool = False,
+               compile_model: bool = False) -> Wrapped:
+    model = model.to(info.device)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)  # type: ignore[operator]
+    kind = "none"
+    forward_module: nn.Module = model
+    replicated: list[nn.Parameter] = []
+    if info.distributed:
+        if fsdp:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if info.device.type == "cuda" else MixedPrecisionPolicy()
+            replicated = [p for p in model.parameters() if p.ndim == 0]
+            for block in _residual_blocks(model):
+                fully_shard(block, mp_policy=policy)
+            fully_shard(model, mp_policy=policy, ignored_params=set(replicated))
+            kind = "fsdp"
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            forward_module = DistributedDataParallel(
+                model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+            )
+            kind = "ddp"
+    if compile_model:
+        forward_module = torch.compile(forward_module)  # type: ignore[assignment]
+    return Wrapped(module=model, forward_module=forward_module, kind=kind,
+                   replicated=replicated if kind == "fsdp" else [])

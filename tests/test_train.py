@@ -1,0 +1,302 @@
+"""Training stage, single process: tar reading, the deterministic stream, learning, MLflow, resume, corrupt data.
+
+Real shards (tar files written with `tarfile`), the real tiny model, real checkpoints on disk; no mocks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_train_support import make_samples, make_shards, tiny_overrides, write_manifest, write_tar  # noqa: E402
+
+from clip.config import load_config  # noqa: E402
+from clip.train.data import (  # noqa: E402
+    RawStream,
+    StreamPlan,
+    StreamStats,
+    iter_tar_samples,
+    open_uri,
+    read_manifest,
+    shuffled_stream,
+)
+from clip.train.distributed import first_slurm_host, slurm_env  # noqa: E402
+from clip.train.loop import NonFiniteLossError, WarmupCosine, plan_schedule  # noqa: E402
+
+
+def _cfg(data: Path, out: Path, **extra: object):
+    return load_config(None, tiny_overrides(str(data), str(out), **extra))
+
+
+def _keys_by_step(log_base: Path, ranks: int = 1) -> dict[int, list[str]]:
+    """step -> global batch keys (ranks' parts concatenated in rank order), last record wins per step."""
+    steps: dict[int, list[str]] = {}
+    for rank in range(ranks):
+        per_rank: dict[int, list[str]] = {}
+        for line in Path(f"{log_base}.rank{rank}").read_text().splitlines():
+            record = json.loads(line)
+            if "step" in record:
+                per_rank[record["step"]] = record["keys"]
+        for step, keys in per_rank.items():
+            steps.setdefault(step, []).extend(keys)
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tar reading and the stream
+
+
+def test_tar_reader_matches_tarfile_including_long_names(tmp_path: Path) -> None:
+    path = tmp_path / "a.tar"
+    long_key = "sub/" + "k" * 150  # needs a pax header (name > 100 bytes)
+    members = [("000000001.jpg", b"x" * 700), ("000000001.txt", b"one"), (f"{long_key}.jpg", b"y" * 513),
+               (f"{long_key}.txt", b"two"), ("000000003.txt", b"")]
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        samples = list(iter_tar_samples(f))
+    assert [k for k, _ in samples] == ["000000001", long_key, "000000003"]
+    assert samples[0][1] == {"jpg": b"x" * 700, "txt": b"one"}
+    assert samples[1][1] == {"jpg": b"y" * 513, "txt": b"two"}
+    assert samples[2][1] == {"txt": b""}
+
+
+def test_truncated_shard_yields_complete_samples_and_is_counted(tmp_path: Path) -> None:
+    samples = make_samples(10)
+    write_tar(tmp_path / "shard-00000.tar", samples)
+    data = (tmp_path / "shard-00000.tar").read_bytes()
+    # cut inside sample 6's jpg: samples 0-5 are whole
+    with tarfile.open(tmp_path / "shard-00000.tar") as tar:
+        offset = next(m.offset_data for m in tar.getmembers() if m.name == "000000006.jpg")
+    (tmp_path / "shard-00000.tar").write_bytes(data[: offset + 10])
+    write_manifest(tmp_path, ["shard-00000.tar"], [10])
+    manifest = read_manifest(str(tmp_path))
+    stats = StreamStats()
+    plan = StreamPlan(manifest.shards, num_streams=1, seed=0)
+    raw = iter(RawStream(plan, 0, 0, open_uri, stats))
+    keys = [next(raw)[1] for _ in range(13)]  # the range wraps to a new pass after 6 samples
+    assert keys == [f"{i:09d}" for i in range(6)] * 2 + ["000000000"]
+    assert stats.truncated_shards == 2
+
+
+def test_sequential_epoch_covers_every_sample_once_and_resumes_at_any_position(tmp_path: Path) -> None:
+    all_keys = make_shards(tmp_path, n=100, per_shard=30)  # shards of 30, 30, 30, 10
+    manifest = read_manifest(str(tmp_path))
+    plan = StreamPlan(manifest.shards, num_streams=3, seed=7)
+    seen: list[str] = []
+    streams: dict[int, list[str]] = {}
+    for s in range(3):
+        length = plan.stream_length(s)
+        it = shuffled_stream(RawStream(plan, 0, s, open_uri, StreamStats()), window=8, start=0)
+        streams[s] = [next(it)[1] for _ in range(length)]
+        seen += streams[s]
+    assert sorted(seen) == sorted(all_keys)  # one epoch = every sample exactly once
+    assert [plan.stream_length(s) for s in range(3)] == [33, 33, 34]
+    for s, start in ((0, 5), (1, 17), (2, 33)):
+        it = shuffled_stream(RawStream(plan, 0, s, open_uri, StreamStats()), window=8, start=start)
+        assert [next(it)[1] for _ in range(plan.stream_length(s) - start)] == streams[s][start:]
+    # another epoch: another order of the same samples
+    it = shuffled_stream(RawStream(plan, 1, 0, open_uri, StreamStats()), window=8, start=0)
+    assert [next(it)[1] for _ in range(33)] != streams[0]
+
+
+def test_schedule_and_lr_rules() -> None:
+    cfg = load_config(None, ["train.batch_size=64", "train.num_workers=2", "train.epochs=4"])
+    schedule = plan_schedule(cfg.train, 4096, world_size=1)
+    assert (schedule.num_streams, schedule.chunk, schedule.steps_per_epoch, schedule.total_steps) == (2, 32, 64, 256)
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        plan_schedule(cfg.train, 4096, world_size=3)
+    bad = load_config(None, ["train.batch_size=60", "train.streams=8"])
+    with pytest.raises(ValueError, match="train.batch_size \\(60\\).*data streams"):
+        plan_schedule(bad.train, 4096, world_size=1)
+    lr = WarmupCosine(warmup=10, total=110)
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.5) and lr(110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_slurm_environment_maps_to_torch_variables() -> None:
+    assert first_slurm_host("gpu[07-09,12],cpu1") == "gpu07"
+    env = slurm_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                     "SLURM_NODELIST": "node[3-4]", "SLURM_JOB_ID": "1234"})
+    assert env == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node3", "MASTER_PORT": "29734"}
+    assert slurm_env({}) == {}
+
+
+def test_torchrun_command_single_and_multi_node() -> None:
+    from pipelines.train import torchrun_command
+
+    single = torchrun_command("p.yaml", ["train.epochs=1"], 8)
+    assert single[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8", "--max-restarts",
+                          "0", "-m", "pipelines.train", "--params", "p.yaml", "--set", "train.epochs=1"]
+    multi = torchrun_command(None, [], 4, nnodes=2, rdzv_endpoint="head:29400", max_restarts=2)
+    assert "--standalone" not in multi
+    assert multi[multi.index("--rdzv-endpoint") + 1] == "head:29400"
+    assert multi[multi.index("--nnodes") + 1] == "2" and multi[multi.index("--max-restarts") + 1] == "2"
+    with pytest.raises(ValueError, match="rdzv-endpoint"):
+        torchrun_command(None, [], 1, nnodes=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training
+
+
+def test_single_process_learns_logs_to_mlflow_and_writes_outputs(tmp_path: Path, mlflow_store: dict[str, str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train import launch
+
+    make_shards(tmp_path / "shards", n=256, per_shard=64)
+    out = tmp_path / "out"
+    cfg = load_config(None, tiny_overrides(
+        str(tmp_path / "shards"), str(out), **{
+            "train.epochs": 4, "tracking.enabled": True, "tracking.uri": mlflow_store["uri"],
+            "tracking.artifact_location": mlflow_store["artifact_location"], "tracking.experiment": "t"}))
+    metrics = launch(cfg)  # one process: in-process
+    assert metrics["steps"] == 64 and (out / "final.pt").exists() and (out / "tokenizer.json").exists()
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 64
+    ckpt = torch.load(out / "final.pt", weights_only=True)
+    assert ckpt["step"] == 64 and ckpt["samples_seen"] == 64 * 16
+    assert ckpt["data_version"] == json.loads((tmp_path / "shards" / "manifest.json").read_text())["data_version"]
+    from clip.model import create_model_from_config
+    from clip.tokenizer import Tokenizer
+
+    model = create_model_from_config(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    assert Tokenizer.from_json(ckpt["tokenizer"]).vocab_size == model.config.text.vocab_size
+    # only the newest keep_checkpoints (3) step checkpoints remain
+    assert sorted(p.name for p in out.glob("step-*.pt")) == ["step-00000052.pt", "step-00000056.pt", "step-00000060.pt"]
+
+    client = MlflowClient(mlflow_store["uri"])
+    run = client.search_runs([client.get_experiment_by_name("t").experiment_id])[0]
+    history = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
+    assert len(history) >= 30
+    first, last = sum(history[:3]) / 3, sum(history[-3:]) / 3
+    assert first > 2.3 and last < 0.75 * first, (first, last)  # ln(16) = 2.77 at chance
+    assert run.data.params["train.batch_size"] == "16"
+    assert run.data.tags["data_version"] == ckpt["data_version"]
+    for name in ("loss", "lr", "logit_scale", "samples_per_s", "data_wait_fraction", "peak_memory_mb"):
+        assert name in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert {"checkpoint/final.pt", "checkpoint/tokenizer.json"} <= artifacts
+
+
+def test_resume_after_a_stop_continues_with_exactly_the_same_samples(tmp_path: Path, monkeypatch) -> None:
+    from clip.train import train
+
+    make_shards(tmp_path / "shards", n=192, per_shard=50)
+    extra = {"train.epochs": 2, "train.num_workers": 2, "train.checkpoint_every": 5, "train.max_nonfinite_steps": 1}
+    # uninterrupted reference
+    monkeypatch.setenv("CLIP_TRAIN_KEYS_LOG", str(tmp_path / "ref.log"))
+    ref = train(_cfg(tmp_path / "shards", tmp_path / "ref", **extra))
+    assert ref["steps"] == 24
+    # the same run stopped at step 13 (a non-finite loss with max_nonfinite_steps=1), then started again
+    monkeypatch.setenv("CLIP_TRAIN_KEYS_LOG", str(tmp_path / "run.log"))
+    monkeypatch.setenv("CLIP_TRAIN_FAULT_NONFINITE_STEPS", "13")
+    with pytest.raises(NonFiniteLossError, match="max_nonfinite_steps"):
+        train(_cfg(tmp_path / "shards", tmp_path / "run", **extra))
+    assert not (tmp_path / "run" / "final.pt").exists()
+    assert torch.load(tmp_path / "run" / "step-00000010.pt", weights_only=True)["step"] == 10  # last good, intact
+    monkeypatch.delenv("CLIP_TRAIN_FAULT_NONFINITE_STEPS")
+    (tmp_path / "run.log.rank0").rename(tmp_path / "first.log.rank0")
+    resumed = train(_cfg(tmp_path / "shards", tmp_path / "run", **extra))
+    assert resumed["resumed_from_step"] == 10 and resumed["steps"] == 24
+    after = _keys_by_step(tmp_path / "run.log")
+    reference = _keys_by_step(tmp_path / "ref.log")
+    assert sorted(after) == list(range(11, 25))
+    assert after == {s: reference[s] for s in range(11, 25)}
+    # every sample exactly once per epoch in the reference (8 steps x 16 = 128 of 192 would be wrong: 12 steps)
+    assert len({k for s in range(1, 13) for k in reference[s]}) == 192
+    # and the trained weights are the same as the uninterrupted run's
+    a = torch.load(tmp_path / "ref" / "final.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "run" / "final.pt", weights_only=True)["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_nonfinite_losses_are_skipped_and_counted(tmp_path: Path, monkeypatch) -> None:
+    from clip.train import train
+
+    make_shards(tmp_path / "shards", n=64, per_shard=64)
+    monkeypatch.setenv("CLIP_TRAIN_FAULT_NONFINITE_STEPS", "2,3")
+    metrics = train(_cfg(tmp_path / "shards", tmp_path / "out", **{"train.epochs": 1}))
+    assert metrics["steps"] == 4 and metrics["nonfinite_steps"] == 2 and math.isfinite(metrics["final_loss"])
+
+
+def test_corrupt_and_truncated_samples_are_skipped_and_counted(tmp_path: Path, monkeypatch) -> None:
+    from clip.train import train
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    samples = make_samples(64)
+    bad_jpeg = ("000000003", b"\xff\xd8\xff\xe0 not really a jpeg", samples[3][2])
+    samples[3] = bad_jpeg
+    write_tar(shards / "shard-00000.tar", samples[:32])
+    # shard 1: sample 40 has no caption member; then the tar is cut inside sample 50
+    with tarfile.open(shards / "shard-00001.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, jpg, caption in samples[32:]:
+            for ext, data in (("jpg", jpg), ("txt", caption.encode())):
+                if key == "000000040" and ext == "txt":
+                    continue
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(shards / "shard-00001.tar") as tar:
+        cut = next(m.offset_data for m in tar.getmembers() if m.name == "000000050.jpg") + 5
+    (shards / "shard-00001.tar").write_bytes((shards / "shard-00001.tar").read_bytes()[:cut])
+    write_manifest(shards, ["shard-00000.tar", "shard-00001.tar"], [32, 32])
+    monkeypatch.setenv("CLIP_TRAIN_KEYS_LOG", str(tmp_path / "keys.log"))
+    metrics = train(_cfg(shards, tmp_path / "out", **{"train.epochs": 2, "train.num_workers": 1}))
+    assert metrics["steps"] == 8  # 64 samples / 16 per step x 2 epochs: the stream refills from its range
+    assert metrics["corrupt_samples"] >= 2 and metrics["truncated_shards"] >= 1
+    trained = {k for keys in _keys_by_step(tmp_path / "keys.log").values() for k in keys}
+    assert "000000003" not in trained and "000000040" not in trained
+    assert not trained & {f"{i:09d}" for i in range(50, 64)}  # after the cut
+    assert len(trained) == 64 - 2 - 14
+
+
+def test_resampled_streams_continue_from_a_position_and_train(tmp_path: Path, monkeypatch) -> None:
+    from clip.train import train
+
+    make_shards(tmp_path / "shards", n=96, per_shard=24)
+    manifest = read_manifest(str(tmp_path / "shards"))
+    plan = StreamPlan(manifest.shards, num_streams=2, seed=3, resampled=True)
+    full = shuffled_stream(RawStream(plan, 0, 1, open_uri, StreamStats()), window=10, start=0)
+    keys = [next(full)[1] for _ in range(150)]  # more than the data: shards drawn with replacement
+    again = shuffled_stream(RawStream(plan, 0, 1, open_uri, StreamStats()), window=10, start=57)
+    assert [next(again)[1] for _ in range(93)] == keys[57:]
+    assert len(set(keys)) < len(keys)
+    monkeypatch.setenv("CLIP_TRAIN_KEYS_LOG", str(tmp_path / "keys.log"))
+    metrics = train(_cfg(tmp_path / "shards", tmp_path / "out", **{
+        "train.resampled": True, "train.samples_per_epoch": 80, "train.epochs": 2}))
+    assert metrics["steps"] == 10  # 80 // 16 steps per epoch, whatever the data size
+
+
+def test_gpu_decode_path_decodes_crops_normalises_and_replaces_bad_jpegs() -> None:
+    """The train.gpu_decode code path, run with device="cpu" (torchvision decodes there too)."""
+    from PIL import Image
+
+    from clip.train.loop import CLIP_MEAN, CLIP_STD, gpu_decode_batch
+
+    jpegs = []
+    for colour in ((255, 0, 0), (0, 0, 255)):
+        buf = io.BytesIO()
+        Image.new("RGB", (80, 60), colour).save(buf, format="JPEG", quality=95)
+        jpegs.append(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8))
+    jpegs.append(torch.frombuffer(bytearray(b"\xff\xd8 broken"), dtype=torch.uint8))
+    images, failed = gpu_decode_batch(jpegs, 32, torch.device("cpu"))
+    assert images.shape == (3, 3, 32, 32) and failed == 1
+    red = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(images[0, :, 16, 16], red, atol=0.05, rtol=0)
+    assert images[1, 2, 16, 16] > 1.5 and torch.equal(images[2], images[0])  # the bad one: a neighbour's copy
