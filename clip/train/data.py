@@ -555,6 +555,16 @@ class RankLoader:
         return self._batches(iter(self.loader))
 
     def _batches(self, iterator: Iterator[dict[str, Any]]) -> Iterator[Batch]:
+        try:
+            yield from self._assemble(iterator)
+        finally:
+            # Stop the workers now, on every exit (end of data, break, an error in the training loop), rather
+            # than whenever the garbage collector gets to the iterator.
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _assemble(self, iterator: Iterator[dict[str, Any]]) -> Iterator[Batch]:
         items_per_step = max(1, self.workers)
         while True:
             items = []

@@ -374,13 +374,14 @@ def _train(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
     params_for_tracking = {"train": tcfg.model_dump(mode="json"), "compute": cfg.compute.model_dump(mode="json"),
                            "world_size": info.world_size, "total_steps": schedule.total_steps}
-    batches: Any = iter(())
+    batches: Any = (batch for batch in ())  # a generator either way, so closing() below can stop the workers
     if start_step < schedule.total_steps:
         # Fork the DataLoader workers before the progress bar's refresh thread exists.
         batches = RankLoader(stream_cfg, tcfg.num_workers, pin_memory=info.device.type == "cuda").start()
     with tracker.run("train", params=params_for_tracking,
                      tags={"data_version": manifest.data_version, "resumed_from_step": str(start_step)}), \
-            _progress(info.is_main, schedule.total_steps, start_step) as progress:
+            _progress(info.is_main, schedule.total_steps, start_step) as progress, \
+            contextlib.closing(batches):  # loader workers stop with the loop, on errors too
         wrapped.forward_module.train()
         epoch_of_last = data_state.epoch
         if start_step < schedule.total_steps:
