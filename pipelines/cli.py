@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -52,14 +52,15 @@ def stage_is_built(stage: str) -> bool:
     return importlib.util.find_spec(f"pipelines.{stage}") is not None
 
 
-def run_stage(stage: str, cfg: PipelineConfig) -> dict:
+def run_stage(stage: str, cfg: PipelineConfig, **launch_args: Any) -> dict:
+    """Run one stage in this process; `train` goes through its launcher (torchrun when several processes)."""
     if not stage_is_built(stage):
         console.print(f"[yellow]stage '{stage}' is not built yet: skipped[/yellow]")
         return {"skipped": True}
     module = importlib.import_module(f"pipelines.{stage}")
     console.rule(f"[bold]{stage}")
     start = time.monotonic()
-    metrics = module.run(cfg)
+    metrics = module.launch(cfg, **launch_args) if stage == "train" else module.run(cfg)
     console.print(f"[green]{stage} done[/green] in {time.monotonic() - start:.1f} s")
     return metrics
 
@@ -94,14 +95,9 @@ def train(
     max_restarts: Annotated[int, typer.Option(help="torchrun --max-restarts: workers restarted after a failure")] = 0,
 ) -> None:
     """Contrastive training (torchrun, one CPU to many GPU nodes) -> models/checkpoints/."""
-    cfg = _load(params, set_)
-    if not stage_is_built("train"):
-        console.print("[yellow]stage 'train' is not built yet: skipped[/yellow]")
-        return
-    module = importlib.import_module("pipelines.train")
-    module.launch(
-        cfg, params=params, overrides=set_ or [], nproc_per_node=nproc_per_node, nnodes=nnodes,
-        node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts,
+    run_stage(
+        "train", _load(params, set_), params=params, overrides=set_ or [], nproc_per_node=nproc_per_node,
+        nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts,
     )
 
 
@@ -113,10 +109,7 @@ def run_all(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
     if missing:
         console.print(f"[yellow]not built yet (will be skipped): {', '.join(missing)}[/yellow]")
     for stage in STAGES:
-        if stage == "train" and stage_is_built("train"):
-            importlib.import_module("pipelines.train").launch(cfg, params=params, overrides=set_ or [])
-        else:
-            run_stage(stage, cfg)
+        run_stage(stage, cfg, **({"params": params, "overrides": set_ or []} if stage == "train" else {}))
     console.print("[bold green]pipeline finished[/bold green]")
 
 

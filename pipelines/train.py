@@ -21,11 +21,13 @@ alone it is one process. Outputs (docs/formats.md): step-NNNNNNNN.pt, final.pt, 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from typing import Any
 
+from clip import storage
 from clip.config import PipelineConfig
 from pipelines._common import stage_main
 
@@ -93,10 +95,6 @@ def launch(
     result = subprocess.run(cmd, env=env, check=False)
     if result.returncode != 0:
         raise SystemExit(f"training failed: torchrun exited with status {result.returncode} ({' '.join(cmd)})")
-    import json
-
-    from clip import storage
-
     uri = storage.join(cfg.train.output, "metrics.json")
     return json.loads(storage.read_bytes(uri, cfg.storage)) if storage.exists(uri, cfg.storage) else {}
 
