@@ -242,6 +242,11 @@ def test_table_source_over_loopback_http_with_retry(tmp_path: Path) -> None:
         assert rows_out["a flaky dog"]["status"] == "failed"
         assert rows_out["a cat"]["reason"] == "no_query"
         assert stats["by_status"]["ok"] == 5 and stats["fetch_latency_ms"]["download_samples"] >= 5
+        per_shard = stats["fetch_latency_ms_per_shard"]  # median and p99 of DNS and download, per shard
+        assert len(per_shard) == 2 and all(name.startswith("raw-") for name in per_shard)
+        for figures in per_shard.values():
+            assert figures["download_ms"]["p99"] >= figures["download_ms"]["median"] > 0
+            assert figures["dns_ms"]["median"] is not None
         assert len(_read_shards(tmp_path / "raw")) == 5
 
         server.healthy = True

@@ -580,5 +580,8 @@ def _write_summaries(
             "download_median": _percentile(download, 50), "download_p99": _percentile(download, 99),
             "dns_samples": len(dns), "download_samples": len(download),
         }
+        stats["fetch_latency_ms_per_shard"] = {
+            r["shard"]: r["latency"] for _, r in sorted(records.items()) if r.get("latency")
+        }
     return stats
 
