@@ -37,7 +37,18 @@ def _check_uri(value: str) -> str:
     return value
 
 
+def check_host_port(value: str | None) -> str | None:
+    """A rendezvous endpoint: host:port (IPv6 as [addr]:port), port 1-65535."""
+    if value is None:
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be host:port, e.g. head-node:29400")
+    return value
+
+
 Uri = Annotated[str, AfterValidator(_check_uri)]
+HostPort = Annotated[str | None, AfterValidator(check_host_port)]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -77,7 +88,7 @@ class ComputeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     nproc_per_node: PositiveInt = 1
     nnodes: PositiveInt = 1
-    rdzv_endpoint: str | None = None  # host:port for multi-node c10d rendezvous
+    rdzv_endpoint: HostPort = None  # host:port for multi-node c10d rendezvous
     dask_scheduler: str | None = None  # address of an existing Dask cluster; None starts a local one
     dask_workers: PositiveInt = 2
     threads_per_worker: PositiveInt = 1

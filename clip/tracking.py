@@ -95,7 +95,8 @@ class Tracker:
         from mlflow.entities import Param
 
         self.experiment_id = self.ensure_experiment()
-        all_tags = {"git_commit": git_commit(Path.cwd())}
+        # The commit of the code that runs (this package's checkout), not of wherever the command was started.
+        all_tags = {"git_commit": git_commit(Path(__file__).resolve().parent)}
         all_tags.update(tags or {})
         clean_tags = {k: str(v) for k, v in all_tags.items() if v is not None}
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=clean_tags)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import time
 from typing import Annotated, Any
@@ -31,6 +32,8 @@ STAGE_HELP = {
     "promote": "Register the model in MLflow; move the champion alias only if it is better.",
 }
 
+DEBUG_ENV = "CLIP_PIPELINE_DEBUG"
+
 console = Console(stderr=True)
 app = typer.Typer(help="clip-pipeline: from raw web (image, text) pairs to an evaluated CLIP model.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
@@ -48,6 +51,11 @@ def _load(params: str, overrides: list[str] | None) -> PipelineConfig:
         raise typer.Exit(2) from None
 
 
+def _is_user_error(err: BaseException) -> bool:
+    """The errors this project raises for bad input: its own exception classes, and ValueError."""
+    return isinstance(err, ValueError) or type(err).__module__.split(".")[0] == "clip"
+
+
 def stage_is_built(stage: str) -> bool:
     return importlib.util.find_spec(f"pipelines.{stage}") is not None
 
@@ -60,7 +68,16 @@ def run_stage(stage: str, cfg: PipelineConfig, **launch_args: Any) -> dict:
     module = importlib.import_module(f"pipelines.{stage}")
     console.rule(f"[bold]{stage}")
     start = time.monotonic()
-    metrics = module.launch(cfg, **launch_args) if stage == "train" else module.run(cfg)
+    try:
+        metrics = module.launch(cfg, **launch_args) if stage == "train" else module.run(cfg)
+    except Exception as err:
+        # Bad input (missing manifest, unknown model, mismatched checkpoint, ...) gets one clear line, not a
+        # page of traceback; errors of other kinds, or any with CLIP_PIPELINE_DEBUG=1, keep their traceback.
+        if not _is_user_error(err) or os.environ.get(DEBUG_ENV):
+            raise
+        console.print(f"[red]error:[/red] {stage}: {type(err).__name__}: {err}", markup=True, highlight=False)
+        console.print(f"(set {DEBUG_ENV}=1 for the traceback)", highlight=False)
+        raise typer.Exit(1) from None
     console.print(f"[green]{stage} done[/green] in {time.monotonic() - start:.1f} s")
     return metrics
 
@@ -88,11 +105,11 @@ for _stage in STAGES:
 def train(
     params: ParamsOpt = DEFAULT_PARAMS,
     set_: SetOpt = None,
-    nproc_per_node: Annotated[int | None, typer.Option(help="processes on this node (torchrun); default compute.nproc_per_node")] = None,
-    nnodes: Annotated[int | None, typer.Option(help="number of nodes; default compute.nnodes")] = None,
-    node_rank: Annotated[int | None, typer.Option(help="this node's rank (static rendezvous); c10d assigns it when unset")] = None,
+    nproc_per_node: Annotated[int | None, typer.Option(min=1, help="processes on this node (torchrun); default compute.nproc_per_node")] = None,
+    nnodes: Annotated[int | None, typer.Option(min=1, help="number of nodes; default compute.nnodes")] = None,
+    node_rank: Annotated[int | None, typer.Option(min=0, help="this node's rank (static rendezvous); c10d assigns it when unset")] = None,
     rdzv_endpoint: Annotated[str | None, typer.Option(help="host:port of the c10d rendezvous for multi-node runs")] = None,
-    max_restarts: Annotated[int, typer.Option(help="torchrun --max-restarts: workers restarted after a failure")] = 0,
+    max_restarts: Annotated[int, typer.Option(min=0, help="torchrun --max-restarts: workers restarted after a failure")] = 0,
 ) -> None:
     """Contrastive training (torchrun, one CPU to many GPU nodes) -> models/checkpoints/."""
     run_stage(

@@ -28,7 +28,7 @@ import sys
 from typing import Any
 
 from clip import storage
-from clip.config import PipelineConfig
+from clip.config import PipelineConfig, check_host_port
 from pipelines._common import stage_main
 
 DESCRIPTION = "Contrastive training (torchrun, one CPU to many GPU nodes) -> models/checkpoints/."
@@ -58,6 +58,10 @@ def torchrun_command(
     else:
         if rdzv_endpoint is None:
             raise ValueError("a multi-node run needs --rdzv-endpoint host:port (or compute.rdzv_endpoint)")
+        try:
+            check_host_port(rdzv_endpoint)
+        except ValueError as err:
+            raise ValueError(f"--rdzv-endpoint {rdzv_endpoint!r}: {err}") from None
         cmd += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
                 "--rdzv-id", rdzv_id]
         if node_rank is not None:

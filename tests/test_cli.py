@@ -49,3 +49,19 @@ def test_stage_module_entry_point_refuses_bad_config(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "train.batch_size" in result.stderr and "-3" in result.stderr
+
+
+def test_stage_input_errors_are_one_clear_line(tmp_path: Path) -> None:
+    result = run_cli("train", "--set", f"train.data={tmp_path / 'none'}", "--set", "tracking.enabled=false",
+                     "--set", f"train.output={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "error: train: DataError: no shard manifest at" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_launcher_options_are_checked(tmp_path: Path) -> None:
+    for option, value in (("--nproc-per-node", "0"), ("--nnodes", "-1"), ("--max-restarts", "-2")):
+        result = run_cli("train", option, value, cwd=tmp_path)
+        message = " ".join(result.stderr.split())
+        assert result.returncode == 2 and f"Invalid value for '{option}'" in message, result.stderr
+        assert not any(tmp_path.iterdir())

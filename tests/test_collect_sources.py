@@ -123,6 +123,30 @@ def test_webdataset_source_reads_tars(tmp_path: Path) -> None:
     assert source.load_images(parts[0], [2])[2].image == _png((0, 100, 0))
 
 
+def test_webdataset_source_truncated_tar_keeps_complete_samples(tmp_path: Path) -> None:
+    import random
+    import tarfile
+
+    rng = random.Random(0)
+    noise = [bytes(rng.randrange(256) for _ in range(4000)) for _ in range(5)]  # incompressible "images"
+    whole = tmp_path / "whole.tar"
+    with wds.TarWriter(str(whole)) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"s{i}", "jpg": noise[i], "txt": f"sample {i}"})
+    with tarfile.open(whole) as tar:
+        cut_member = tar.getmember("s3.jpg")  # cut inside sample 3's image: samples 0-2 are complete
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[:cut_member.offset_data + cut_member.size // 2])
+    source = WebdatasetSource(WebdatasetSourceConfig(urls=[str(cut)]))
+    [part] = source.partitions()
+    captions = [c.caption for c in source.iter_candidates(part)]
+    loaded = list(source.iter_candidates(part, with_images=True))
+    # Every pass stops at the same place (row i means the same sample in matching and in loading).
+    assert captions == [c.caption for c in loaded] == ["sample 0", "sample 1", "sample 2"]
+    assert [c.image for c in loaded] == noise[:3]
+    assert sorted(source.load_images(part, [0, 2, 3])) == [0, 2]
+
+
 def test_synthetic_is_deterministic_by_seed() -> None:
     def digest(seed: int) -> tuple[list[str], str]:
         source = SyntheticSource(SyntheticSourceConfig(num_samples=40, image_size=64), partition_size=16, seed=seed)

@@ -175,6 +175,29 @@ def test_dask_run_equals_in_process_run(tmp_path: Path) -> None:
         assert (tmp_path / "a" / "raw" / name).read_bytes() == (tmp_path / "b" / "raw" / name).read_bytes(), name
 
 
+def test_per_host_limit_holds_across_dask_worker_processes(tmp_path: Path) -> None:
+    """Each worker process has its own Fetcher; the stage shares the per-host limit out among them."""
+    import pyarrow as pa
+
+    try:
+        from webserver import ImageServer
+    except ImportError:  # pragma: no cover - run from the repository root
+        from tests.webserver import ImageServer
+
+    with ImageServer(request_delay_s=0.05) as server:
+        rows = [{"url": server.url(f"/img/100x80/{i % 5}.jpg?n={i}"), "caption": f"a dog {i}"} for i in range(400)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet", row_group_size=100)
+        cfg = _cfg(tmp_path, source="table", table={"paths": [str(tmp_path / "pairs.parquet")]},
+                   samples_per_shard=50, partition_size=100,
+                   queries={"from_captions": False, "extra_lists": [str(_write(tmp_path / "q.txt", "dog\n"))]},
+                   fetch={"allow_loopback": True, "per_host_concurrency": 4, "per_host_rate": 1000.0,
+                          "threads": 16})
+        stats = run_collect(cfg, ComputeConfig(dask_workers=2), None, use_dask=True, show_progress=False)
+        assert stats["used_dask"] and stats["by_status"]["ok"] == 400
+        assert server.stats.max_active_by_host[f"127.0.0.1:{server.port}"] <= 4, server.stats.max_active_by_host
+        assert server.stats.max_active >= 2  # requests overlapped, so the limit had something to hold back
+
+
 def test_pipeline_module_writes_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipelines import collect
 

@@ -40,6 +40,7 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
     assert cfg.train.lr == 0.01  # file beats the default
     assert cfg.shard.output == "s3://bucket/prefix"
     assert cfg.compute.nproc_per_node == 4
+    assert load_config(None, ["compute.rdzv_endpoint='[::1]:29400'"]).compute.rdzv_endpoint == "[::1]:29400"
     assert cfg.collect.synthetic.num_samples == 10
     # YAML typing of override values: lists and booleans
     cfg = load_config(params, ["dedup.eval_dirs=[a, b]", "train.compile=true"])
@@ -72,6 +73,8 @@ def test_dump_round_trips(tmp_path: Path) -> None:
         ("train.resampled=true", ["train.samples_per_epoch", "resampled"]),
         ("collect.source=table", ["collect.table.paths"]),
         ("train.tokenizer.kind=clip_bpe", ["train.tokenizer.bpe_path"]),
+        ("compute.rdzv_endpoint=head-node", ["compute.rdzv_endpoint", "host:port", "'head-node'"]),
+        ("compute.rdzv_endpoint=head:99999", ["compute.rdzv_endpoint", "'head:99999'"]),
     ],
 )
 def test_refusals_name_key_and_value(override: str, expected: list[str]) -> None:

@@ -329,6 +329,22 @@ def test_wrong_inputs_get_clear_errors() -> None:
         model.encode_text(torch.tensor([[1, 5000, 0]]))
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"image_size": -32}, "vision.image_size must be a positive integer, got -32"),
+        ({"image_size": "abc"}, "vision.image_size must be a positive integer, got 'abc'"),
+        ({"text_width": 0}, "text.width must be a positive integer, got 0"),
+        ({"vision_mlp_ratio": -1.0}, "vision.mlp_ratio must be a positive number, got -1.0"),
+        ({"vision_layers": 2.5}, "vision.layers must be an int"),
+        ({"image_size": 100}, r"vision.image_size \(100\) must be a multiple of vision.patch_size \(8\)"),
+    ],
+)
+def test_bad_model_overrides_name_the_key_and_value(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ModelConfigError, match=message):
+        create_model("tiny-vit", **overrides)
+
+
 # ------------------------------------------------------------------------------------------------------
 # loading weights
 

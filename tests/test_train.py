@@ -126,6 +126,56 @@ def test_schedule_and_lr_rules() -> None:
     assert lr(60) == pytest.approx(0.5) and lr(110) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_newest_checkpoint_is_chosen_by_step_not_by_name(tmp_path: Path) -> None:
+    from clip.train.checkpoint import latest_checkpoint, save_checkpoint, step_name
+
+    out = str(tmp_path / "out")
+    assert latest_checkpoint(out) is None
+    for step in (4, 8):
+        save_checkpoint(f"{out}/{step_name(step)}", {"step": step})
+    save_checkpoint(f"{out}/final.pt", {"step": 8})
+    assert latest_checkpoint(out)[0].endswith("final.pt")  # a tie: the finished run's final.pt
+    # the finished run continued with more epochs, then stopped: its step checkpoints are newer than final.pt
+    save_checkpoint(f"{out}/{step_name(12)}", {"step": 12})
+    (tmp_path / "out" / step_name(16)).write_bytes(b"not a checkpoint")  # unreadable: skipped
+    uri, ckpt = latest_checkpoint(out)
+    assert uri.endswith(step_name(12)) and ckpt["step"] == 12
+
+
+def test_unknown_model_is_refused_before_any_work(tmp_path: Path) -> None:
+    from clip.model import ModelConfigError
+    from clip.train import train
+
+    make_shards(tmp_path / "shards", n=32, per_shard=32)
+    with pytest.raises(ModelConfigError, match="unknown model config 'ViT-Z-99'; known: .*tiny-vit"):
+        train(_cfg(tmp_path / "shards", tmp_path / "out", **{"train.model": "ViT-Z-99"}))
+    assert not (tmp_path / "out").exists()  # no tokenizer trained, nothing written
+
+
+def test_resume_with_another_model_is_refused(tmp_path: Path) -> None:
+    from clip.train import train
+
+    make_shards(tmp_path / "shards", n=32, per_shard=32)
+    assert train(_cfg(tmp_path / "shards", tmp_path / "out"))["steps"] == 2
+    with pytest.raises(ValueError, match=r"final.pt was trained with train.model='tiny-vit' but this run asks for 'tiny-rn'"):
+        train(_cfg(tmp_path / "shards", tmp_path / "out", **{"train.model": "tiny-rn"}))
+
+
+def test_wrap_model_puts_resnet_convolutions_in_channels_last() -> None:
+    from clip.model import create_model
+    from clip.train.distributed import DistInfo
+    from clip.train.wrap import wrap_model
+
+    def conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+        return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+
+    plain = wrap_model(create_model("tiny-rn"), DistInfo())  # CPU default: layout untouched
+    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(plain.module))
+    nhwc = wrap_model(create_model("tiny-rn"), DistInfo(), channels_last=True)  # what CUDA gets by default
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(nhwc.module))
+    assert nhwc.module.visual.channels_last
+
+
 def test_slurm_environment_maps_to_torch_variables() -> None:
     assert first_slurm_host("gpu[07-09,12],cpu1") == "gpu07"
     env = slurm_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
@@ -146,16 +196,22 @@ def test_torchrun_command_single_and_multi_node() -> None:
     assert multi[multi.index("--nnodes") + 1] == "2" and multi[multi.index("--max-restarts") + 1] == "2"
     with pytest.raises(ValueError, match="rdzv-endpoint"):
         torchrun_command(None, [], 1, nnodes=2)
+    with pytest.raises(ValueError, match="--rdzv-endpoint 'head': must be host:port"):
+        torchrun_command(None, [], 1, nnodes=2, rdzv_endpoint="head")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # training
 
 
-def test_single_process_learns_logs_to_mlflow_and_writes_outputs(tmp_path: Path, mlflow_store: dict[str, str]) -> None:
+def test_single_process_learns_logs_to_mlflow_and_writes_outputs(tmp_path: Path, mlflow_store: dict[str, str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
+    from clip.tracking import git_commit
     from pipelines.train import launch
+
+    monkeypatch.chdir(tmp_path)  # started outside the checkout: the git_commit tag is still the code's commit
 
     make_shards(tmp_path / "shards", n=256, per_shard=64)
     out = tmp_path / "out"
@@ -186,6 +242,7 @@ def test_single_process_learns_logs_to_mlflow_and_writes_outputs(tmp_path: Path,
     assert first > 2.3 and last < 0.75 * first, (first, last)  # ln(16) = 2.77 at chance
     assert run.data.params["train.batch_size"] == "16"
     assert run.data.tags["data_version"] == ckpt["data_version"]
+    assert run.data.tags.get("git_commit") == git_commit(Path(__file__).resolve().parent) is not None
     for name in ("loss", "lr", "logit_scale", "samples_per_s", "data_wait_fraction", "peak_memory_mb"):
         assert name in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
@@ -266,6 +323,28 @@ def test_corrupt_and_truncated_samples_are_skipped_and_counted(tmp_path: Path, m
     assert len(trained) == 64 - 2 - 14
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_shards_with_no_usable_sample_stop_with_a_clear_error(tmp_path: Path, num_workers: int) -> None:
+    from clip.train import train
+    from clip.train.data import DataError
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    tar = shards / "shard-00000.tar"
+    write_tar(tar, make_samples(16))
+    with tarfile.open(tar) as src:  # keep the captions, make every image undecodable
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as dst:
+        for member, data in members:
+            if member.name.endswith(".jpg"):
+                data = b"\xff\xd8 not a jpeg"
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    write_manifest(shards, ["shard-00000.tar"], [16])
+    with pytest.raises(DataError, match="samples in a row could not be used"):
+        train(_cfg(shards, tmp_path / "out", **{"train.num_workers": num_workers, "train.batch_size": 8}))
+
+
 def test_resampled_streams_continue_from_a_position_and_train(tmp_path: Path, monkeypatch) -> None:
     from clip.train import train
 
@@ -300,3 +379,20 @@ def test_gpu_decode_path_decodes_crops_normalises_and_replaces_bad_jpegs() -> No
     red = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     torch.testing.assert_close(images[0, :, 16, 16], red, atol=0.05, rtol=0)
     assert images[1, 2, 16, 16] > 1.5 and torch.equal(images[2], images[0])  # the bad one: a neighbour's copy
+
+
+def test_training_inside_a_prefect_flow_with_loader_workers(tmp_path: Path, prefect_harness: None) -> None:
+    """Orchestration runs the stage in a flow: forked loader workers must not inherit Prefect's exit hooks and crash."""
+    from prefect import flow
+
+    from clip.train import train
+
+    make_shards(tmp_path / "shards", n=64, per_shard=32)
+
+    @flow(name="train-in-flow")
+    def train_flow() -> dict:
+        return train(_cfg(tmp_path / "shards", tmp_path / "out", **{"train.num_workers": 2}))
+
+    metrics = train_flow()
+    assert metrics["steps"] == metrics["total_steps"] > 0
+    assert (tmp_path / "out" / "final.pt").exists()

@@ -163,6 +163,10 @@ def build_queries(
     return sorted(q for q in queries if tokenize(q))
 
 
+class QueryFileMissing(FileNotFoundError):
+    """A file named in collect.queries (corpus_paths, extra_lists) is not there; the CLI reports it in one line."""
+
+
 def read_lines(path: str) -> Iterator[str]:
     """Lines of a local text file or an s3:// object (streamed), UTF-8."""
     if path.startswith("s3://"):
@@ -175,7 +179,9 @@ def read_lines(path: str) -> Iterator[str]:
         return
     file = Path(path)
     if not file.exists():
-        raise FileNotFoundError(f"query list / corpus file {path} does not exist")
+        raise QueryFileMissing(
+            f"query list / corpus file {path} does not exist (collect.queries.extra_lists / corpus_paths)"
+        )
     with file.open(encoding="utf-8", errors="replace") as text:
         yield from text
 

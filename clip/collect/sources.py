@@ -20,8 +20,10 @@ the image itself.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import tarfile
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ from clip.config import (
     TableSourceConfig,
     WebdatasetSourceConfig,
 )
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _TEXT_BLOCK_BYTES = 8 << 20  # pyarrow CSV/JSON block: bounded memory however large the file
@@ -360,32 +364,47 @@ class WebdatasetSource(CandidateSource):
     def _samples(self, tar_uri: str, with_images: bool) -> Iterator[tuple[str, dict[str, bytes], set[str]]]:
         """(key, {extension: bytes}, extensions present) per sample, streaming; image members are read only when asked for."""
         wanted = {self.cfg.caption_key, *self.cfg.image_keys} if with_images else {self.cfg.caption_key}
+        yielded = 0
+        try:
+            with _open_binary(tar_uri, self.storage_cfg) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+                for key, sample_fields, sample_seen in self._read_members(tar, wanted):
+                    yield key, sample_fields, sample_seen
+                    yielded += 1
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            # A truncated or corrupt tar (common among downloaded shards) must not stop the stage: its readable
+            # samples count, the one being read when the damage starts and everything after it are skipped.
+            # Every pass over the tar stops at the same place, so the candidate rows stay consistent.
+            log.warning("webdataset tar %s is truncated or corrupt after %d samples (%s); the rest is skipped",
+                        tar_uri, yielded, exc)
+
+    @staticmethod
+    def _read_members(tar: tarfile.TarFile, wanted: set[str]) -> Iterator[tuple[str, dict[str, bytes], set[str]]]:
+        """Group a streaming tar's members by key prefix; a sample is yielded once the next key starts."""
         current_key: str | None = None
         fields: dict[str, bytes] = {}
         seen: set[str] = set()
-        with _open_binary(tar_uri, self.storage_cfg) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, base = member.name.rpartition("/")
-                if base.startswith("."):
-                    continue
-                stem, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                key = f"{folder}/{stem}" if folder else stem
-                if key != current_key:
-                    if current_key is not None:
-                        yield current_key, fields, seen
-                    current_key, fields, seen = key, {}, set()
-                ext = ext.lower()
-                seen.add(ext)
-                if ext in wanted:
-                    handle = tar.extractfile(member)
-                    if handle is not None:
-                        fields[ext] = handle.read()
-            if current_key is not None:
-                yield current_key, fields, seen
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, _, base = member.name.rpartition("/")
+            if base.startswith("."):
+                continue
+            stem, dot, ext = base.partition(".")
+            if not dot:
+                continue
+            key = f"{folder}/{stem}" if folder else stem
+            if key != current_key:
+                if current_key is not None:
+                    yield current_key, fields, seen
+                current_key, fields, seen = key, {}, set()
+            ext = ext.lower()
+            seen.add(ext)
+            if ext in wanted:
+                handle = tar.extractfile(member)
+                if handle is not None:
+                    fields[ext] = handle.read()
+        if current_key is not None:
+            yield current_key, fields, seen
 
     def iter_candidates(self, part: Partition, with_images: bool = False) -> Iterator[Candidate]:
         tar_uri = part.spec[1]

@@ -15,7 +15,8 @@ Steps (each map step runs one task per source partition, on Dask when the pool i
 5. Shards (one task each): fetch (table) or load/render the images, validate and re-encode, write
    raw-NNNNN.tar (temp name, then rename) and its done-record. Shards whose tar and record exist with a
    matching fingerprint are not redone; with `fetch.retry_failed`, shards whose record holds a retryable
-   failure are rebuilt whole (all their candidates are tried again; the keys stay the same).
+   failure are rebuilt whole (all their candidates are tried again; the keys stay the same). On Dask, the
+   per-host concurrency and rate limits are shared out among the worker processes (`split_host_limits`).
 6. Summaries, always rewritten from the records: candidates.parquet, query_counts.json, stats.json.
 """
 
@@ -133,6 +134,21 @@ def shared_fetcher(fetch_cfg: FetchConfig) -> Any:
         if fetcher is None:
             fetcher = _SHARED_FETCHERS[key] = Fetcher(fetch_cfg)
         return fetcher
+
+
+def split_host_limits(fetch_cfg: FetchConfig, processes: int) -> FetchConfig:
+    """The fetch config for each of `processes` worker processes building shards at once.
+
+    The per-host limits live in a Fetcher, i.e. per process; shared out among the processes, they hold for
+    the whole run (floor of one connection per process: with more processes than allowed connections, at most
+    one per process).
+    """
+    if processes <= 1:
+        return fetch_cfg
+    return fetch_cfg.model_copy(update={
+        "per_host_concurrency": max(1, fetch_cfg.per_host_concurrency // processes),
+        "per_host_rate": fetch_cfg.per_host_rate / processes,
+    })
 
 
 def close_shared_fetchers() -> None:
@@ -254,6 +270,10 @@ class _Runner(AbstractContextManager):
                 )
                 self.client = Client(self.cluster)
         return self.client
+
+    def worker_processes(self) -> int:
+        """How many worker processes the cluster has now (each builds shards with its own Fetcher)."""
+        return max(1, len(self._client().nthreads()))
 
     def run(self, fn: Callable[..., Any], shared: tuple[Any, ...], items: Iterable[tuple[Any, ...]],
             parallel: bool) -> Iterator[Any]:
@@ -415,9 +435,12 @@ def _run_collect(
         build_start = time.monotonic()
         parallel = runner.wants_cluster(len(todo), _MIN_SHARDS_FOR_CLUSTER)
         shard_items = ((task,) for task in todo)
-        shared = (source, part_by_index, cfg.fetch, cfg.output_dir, storage_cfg)
+        fetch_cfg = cfg.fetch
+        if parallel and source.needs_fetch:
+            fetch_cfg = split_host_limits(cfg.fetch, runner.worker_processes())
+        shared = (source, part_by_index, fetch_cfg, cfg.output_dir, storage_cfg)
         built_ok = 0
-        with _Progress(show_progress, len(tasks), len(records)) as advance:
+        with _Progress(show_progress, len(tasks), list(records.values())) as advance:
             for record in runner.run(build_shard, shared, shard_items, parallel):
                 index = int(record["shard"][4:9])
                 records[index] = record
@@ -462,11 +485,16 @@ def _reusable_record(output: RawOutput, task: ShardTask, retry_failed: bool) -> 
 
 
 class _Progress:
-    """A Rich progress bar over shards (done / total, samples ok / not ok); a no-op when disabled."""
+    """A Rich progress bar over shards (done / total, samples ok / not ok); a no-op when disabled.
 
-    def __init__(self, enabled: bool, total: int, already: int) -> None:
-        self.enabled, self.total, self.already = enabled, total, already
-        self.ok = self.bad = 0
+    `reused`: the records of shards kept from an earlier run; they count as done, and so do their samples, so a
+    resumed run ends on the pool's totals rather than on only what this run built.
+    """
+
+    def __init__(self, enabled: bool, total: int, reused: list[dict[str, Any]]) -> None:
+        self.enabled, self.total, self.already = enabled, total, len(reused)
+        self.ok = sum(1 for r in reused for s in r["samples"] if s["status"] == "ok")
+        self.bad = sum(1 for r in reused for s in r["samples"]) - self.ok
 
     def __enter__(self) -> Callable[[dict[str, Any]], None]:
         if not self.enabled:
@@ -476,7 +504,8 @@ class _Progress:
         self.bar = Progress(TextColumn("collect: shards"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
         self.bar.start()
-        self.task = self.bar.add_task("", total=self.total, completed=self.already)
+        start = f"samples ok {self.ok}, not ok {self.bad}" if self.already else ""
+        self.task = self.bar.add_task(start, total=self.total, completed=self.already)
 
         def advance(record: dict[str, Any]) -> None:
             for sample in record["samples"]:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from clip.dedup.color import SIGNATURE_LENGTH, color_signature
 from clip.dedup.neardup import find_cross_pairs
+from clip.dedup.raw import MissingInputError
 from clip.imagehash import phash64
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def hash_image_folder(folder: str | Path, name: str | None = None,
     """pHash of every image under `folder` (recursively); ids are paths relative to the folder, sorted."""
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"evaluation folder {folder} does not exist (dedup.eval_dirs)")
+        raise MissingInputError(f"evaluation folder {folder} does not exist (dedup.eval_dirs)")
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     ids: list[str] = []
     hashes: list[int] = []

@@ -27,6 +27,13 @@ RAW_SHARD_PREFIX = "raw-"
 REQUIRED_MEMBERS = ("jpg", "txt", "json")
 
 
+class MissingInputError(FileNotFoundError):
+    """An input of the dedup or shard stage is not there (raw shards, keep.parquet, an evaluation folder).
+
+    A FileNotFoundError defined in `clip`, so the CLI reports it as bad input (one line) rather than a bug.
+    """
+
+
 def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -45,7 +52,7 @@ def list_raw_shards(input_uri: str, storage_cfg: StorageConfig | None = None) ->
     else:
         folder = Path(input_uri)
         if not folder.is_dir():
-            raise FileNotFoundError(f"raw shard folder {input_uri} does not exist (run the collect stage first)")
+            raise MissingInputError(f"raw shard folder {input_uri} does not exist (run the collect stage first)")
         uris = [str(p) for p in folder.iterdir()]
     shards = [u for u in uris if shard_name(u).startswith(RAW_SHARD_PREFIX) and shard_name(u).endswith(".tar")]
     return sorted(shards, key=shard_name)

@@ -63,8 +63,20 @@ class CLIPConfig:
 
     def validate(self) -> None:
         v, t = self.vision, self.text
+        sizes = [("embed_dim", self.embed_dim)]
+        sizes += [(f"vision.{k}", getattr(v, k)) for k in ("image_size", "width", "head_width")]
+        sizes += [(f"text.{k}", getattr(t, k)) for k in ("context_length", "vocab_size", "width", "heads", "layers")]
+        if not v.is_resnet:
+            sizes.append(("vision.patch_size", v.patch_size))
+        for key, value in sizes:  # checked first: the rules below do arithmetic on them
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ModelConfigError(f"{key} must be a positive integer, got {value!r}")
+        for key, value in (("vision.mlp_ratio", v.mlp_ratio), ("text.mlp_ratio", t.mlp_ratio)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ModelConfigError(f"{key} must be a positive number, got {value!r}")
         if v.is_resnet:
-            if len(v.layers) != 4 or not all(isinstance(n, int) and n > 0 for n in v.layers):  # type: ignore[arg-type]
+            if (not isinstance(v.layers, tuple) or len(v.layers) != 4
+                    or not all(isinstance(n, int) and n > 0 for n in v.layers)):
                 raise ModelConfigError(
                     f"vision.layers must be an int (ViT) or 4 positive ints (ResNet), got {v.layers!r}"
                 )

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from clip import storage
 from clip.config import ShardConfig, StorageConfig
-from clip.dedup.raw import list_raw_shards, shard_name
+from clip.dedup.raw import MissingInputError, list_raw_shards, shard_name
 from clip.shards.publish import publish
 from clip.shards.writer import index_raw_members, plan_shards, shuffled_keys, write_shards
 
@@ -27,7 +27,7 @@ def read_keep(dedup_dir: str) -> dict[str, str]:
     """kept key -> raw shard name, from dedup's keep.parquet."""
     path = Path(dedup_dir) / "keep.parquet"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (run the dedup stage first)")
+        raise MissingInputError(f"{path} does not exist (run the dedup stage first)")
     table = pq.read_table(path, columns=["key", "shard"])
     return dict(zip(table.column("key").to_pylist(), table.column("shard").to_pylist(), strict=True))
 

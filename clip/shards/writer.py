@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clip.dedup.raw import split_member_name
+from clip.dedup.raw import MissingInputError, split_member_name
 from clip.shards.tarwriter import DeterministicTarWriter, archive_bytes, member_bytes
 
 SAMPLE_MEMBERS = ("jpg", "json", "txt")  # what a training sample carries, in the order written (sorted)
@@ -73,7 +73,7 @@ def index_raw_members(raw_paths: dict[str, Path], keep: dict[str, str],
     wanted: dict[str, set[str]] = {}
     for key, shard in keep.items():
         if shard not in raw_paths:
-            raise FileNotFoundError(f"kept sample {key!r} lives in raw shard {shard!r}, which is not in the input")
+            raise MissingInputError(f"kept sample {key!r} lives in raw shard {shard!r}, which is not in the input")
         wanted.setdefault(shard, set()).add(key)
     names = sorted(wanted)
     paths = [raw_paths[n] for n in names]

@@ -77,18 +77,26 @@ def list_step_checkpoints(output: str, storage_cfg: StorageConfig | None = None)
 
 
 def latest_checkpoint(output: str, storage_cfg: StorageConfig | None = None) -> tuple[str, dict[str, Any]] | None:
-    """The newest checkpoint that loads (final.pt first, then step checkpoints newest first), or None."""
-    candidates = []
+    """The newest checkpoint that loads (highest step; final.pt on a tie), or None.
+
+    final.pt is not always the newest: a finished run continued with more epochs resumes from it and then
+    writes step checkpoints beyond its step; after a crash those are where to resume."""
+    final: tuple[str, dict[str, Any]] | None = None
     final_uri = storage.join(output, FINAL_NAME)
     if storage.exists(final_uri, storage_cfg):
-        candidates.append(final_uri)
-    candidates += [uri for _step, uri in reversed(list_step_checkpoints(output, storage_cfg))]
-    for uri in candidates:
+        try:
+            final = final_uri, load_checkpoint_dict(final_uri, storage_cfg)
+        except Exception:  # an unreadable object (e.g. a foreign partial upload): fall back to the others
+            final = None
+    final_step = int(final[1].get("step", 0)) if final is not None else -1
+    for step, uri in reversed(list_step_checkpoints(output, storage_cfg)):
+        if step <= final_step:
+            break
         try:
             return uri, load_checkpoint_dict(uri, storage_cfg)
-        except Exception:  # an unreadable object (e.g. a foreign partial upload): fall back to an older one
+        except Exception:  # unreadable: try an older one
             continue
-    return None
+    return final
 
 
 def prune_checkpoints(output: str, keep: int, storage_cfg: StorageConfig | None = None) -> list[str]:

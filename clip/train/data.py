@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import posixpath
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -490,12 +491,20 @@ class StepChunks(IterableDataset):
                 for s in my_streams:
                     got = 0
                     position = -1
+                    unusable_in_a_row = 0
                     while got < cfg.chunk:
                         position, key, members = next(iterators[s])
                         decoded = decode_sample(members, transform, sample_seed(cfg.plan.seed, epoch, s, position))
                         if decoded is None:
                             stats.corrupt_samples += 1
+                            unusable_in_a_row += 1
+                            if unusable_in_a_row > cfg.plan.total_samples:  # a whole pass: it would spin forever
+                                raise DataError(
+                                    f"stream {s}: {unusable_in_a_row} samples in a row could not be used (each needs "
+                                    f"a decodable image {'/'.join(IMAGE_EXTENSIONS)} and a UTF-8 txt caption)"
+                                )
                             continue
+                        unusable_in_a_row = 0
                         image, caption = decoded
                         if transform is None:
                             image = torch.frombuffer(bytearray(image), dtype=torch.uint8)
@@ -529,6 +538,19 @@ class Batch:
     truncated: int
 
 
+def _forget_inherited_exit_hooks(worker_id: int) -> None:
+    """Drop the thread-exit hooks a forked worker inherits from its parent.
+
+    Hooks registered with `threading._register_atexit` (Prefect's log and event workers when training runs inside a
+    flow, the parent's thread pools) belong to threads that do not exist in the fork; run at the worker's exit they
+    fail and the worker exits with status 1, which the DataLoader reports as a crash. Python has no public way to
+    unregister them, hence the private list.
+    """
+    hooks = getattr(threading, "_threading_atexits", None)
+    if isinstance(hooks, list):
+        hooks.clear()
+
+
 def _collate_none(item: Any) -> Any:
     return item
 
@@ -544,6 +566,7 @@ class RankLoader:
             self.dataset, batch_size=None, num_workers=self.workers, collate_fn=_collate_none,
             pin_memory=pin_memory, prefetch_factor=4 if self.workers else None,
             persistent_workers=False, multiprocessing_context="fork" if self.workers else None,
+            worker_init_fn=_forget_inherited_exit_hooks if self.workers else None,
         )
 
     def __iter__(self) -> Iterator[Batch]:

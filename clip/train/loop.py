@@ -266,11 +266,12 @@ def train(cfg: PipelineConfig) -> dict[str, Any]:
 
 def _train(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
     from clip.loss import ClipLoss
-    from clip.model import create_model, create_model_from_config
+    from clip.model import create_model, create_model_from_config, get_config
     from clip.optim import build_optimizer
     from clip.tracking import Tracker
 
     tcfg, scfg = cfg.train, cfg.storage
+    get_config(tcfg.model, **tcfg.model_overrides)  # an unknown model name is refused before any work starts
     started = time.monotonic()
     torch.manual_seed(tcfg.seed)
     np.random.seed(tcfg.seed % 2**32)
@@ -283,6 +284,15 @@ def _train(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
 
     found = latest_checkpoint(tcfg.output, scfg)
     resume = found[1] if found else None
+    if resume is not None:
+        # A resume rebuilds the checkpoint's model: a different model asked for would be silently ignored.
+        asked, saved = tcfg.model_dump(mode="json"), resume.get("train_config") or {}
+        for key in ("model", "model_overrides"):
+            if key in saved and saved[key] != asked[key]:
+                raise ValueError(
+                    f"{found[0]} was trained with train.{key}={saved[key]!r} but this run asks for "  # type: ignore[index]
+                    f"{asked[key]!r}; use a new train.output, or the same train.{key} to resume"
+                )
     if resume is not None and int(resume.get("step", 0)) > schedule.total_steps:
         raise ValueError(
             f"{found[0]} is at step {resume['step']}, beyond this run's {schedule.total_steps} steps; "  # type: ignore[index]

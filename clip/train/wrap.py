@@ -51,8 +51,14 @@ def _residual_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def wrap_model(model: nn.Module, info: DistInfo, *, grad_checkpointing: bool = False, fsdp: bool = False,
-               compile_model: bool = False) -> Wrapped:
+               compile_model: bool = False, channels_last: bool | None = None) -> Wrapped:
+    """`channels_last` (ResNet towers; None: on for CUDA without FSDP, whose flat shards would not keep the
+    NHWC strides): NHWC convolution weights and activations, the faster layout for cuDNN."""
     model = model.to(info.device)
+    if channels_last is None:
+        channels_last = info.device.type == "cuda" and not (fsdp and info.distributed)
+    if channels_last and hasattr(model, "set_channels_last"):
+        model.set_channels_last(True)  # type: ignore[operator]  # a no-op for ViT towers
     if grad_checkpointing:
         model.set_grad_checkpointing(True)  # type: ignore[operator]
     kind = "none"
