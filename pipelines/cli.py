@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from clip.config import DEFAULT_PARAMS, ConfigError, PipelineConfig, dump_config, load_config
+from pipelines._common import DEBUG_ENV, is_user_error
 
 STAGES = ["collect", "dedup", "shard", "train", "export", "evaluate", "promote"]
 STAGE_HELP = {
@@ -31,8 +32,6 @@ STAGE_HELP = {
     "evaluate": "Zero-shot and linear-probe evaluation -> reports/eval/.",
     "promote": "Register the model in MLflow; move the champion alias only if it is better.",
 }
-
-DEBUG_ENV = "CLIP_PIPELINE_DEBUG"
 
 console = Console(stderr=True)
 app = typer.Typer(help="clip-pipeline: from raw web (image, text) pairs to an evaluated CLIP model.", no_args_is_help=True)
@@ -49,11 +48,6 @@ def _load(params: str, overrides: list[str] | None) -> PipelineConfig:
     except ConfigError as err:
         console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
         raise typer.Exit(2) from None
-
-
-def _is_user_error(err: BaseException) -> bool:
-    """The errors this project raises for bad input: its own exception classes, and ValueError."""
-    return isinstance(err, ValueError) or type(err).__module__.split(".")[0] == "clip"
 
 
 def stage_is_built(stage: str) -> bool:
@@ -73,7 +67,7 @@ def run_stage(stage: str, cfg: PipelineConfig, **launch_args: Any) -> dict:
     except Exception as err:
         # Bad input (missing manifest, unknown model, mismatched checkpoint, ...) gets one clear line, not a
         # page of traceback; errors of other kinds, or any with CLIP_PIPELINE_DEBUG=1, keep their traceback.
-        if not _is_user_error(err) or os.environ.get(DEBUG_ENV):
+        if not is_user_error(err) or os.environ.get(DEBUG_ENV):
             raise
         console.print(f"[red]error:[/red] {stage}: {type(err).__name__}: {err}", markup=True, highlight=False)
         console.print(f"(set {DEBUG_ENV}=1 for the traceback)", highlight=False)

@@ -12,7 +12,7 @@ Multi-node (run on every node; c10d rendezvous on host:port, node ranks assigned
 which runs `python -m torch.distributed.run --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d
 --rdzv-endpoint head-node:29400 --rdzv-id clip-train -m pipelines.train --params P --set ...`.
 `--node-rank` pins a node's rank instead. SLURM: `srun --ntasks-per-node 8 python -m pipelines.train ...`
-(one task per GPU); the worker maps SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_NODELIST to
+(one task per GPU); the worker maps SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID / SLURM_NODELIST to
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR (clip/train/distributed.py).
 
 `python -m pipelines.train` under a launcher (RANK/WORLD_SIZE or SLURM task variables set) is the worker;

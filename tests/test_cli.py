@@ -65,3 +65,12 @@ def test_launcher_options_are_checked(tmp_path: Path) -> None:
         message = " ".join(result.stderr.split())
         assert result.returncode == 2 and f"Invalid value for '{option}'" in message, result.stderr
         assert not any(tmp_path.iterdir())
+
+
+def test_stage_module_gives_one_line_for_missing_input(tmp_path: Path) -> None:
+    """What DVC runs (`python -m pipelines.<stage>`) reports bad input like the CLI does: one line, status 1."""
+    result = subprocess.run([sys.executable, "-m", "pipelines.shard", "--params", str(REPO / "params.yaml")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "keep.parquet" in result.stderr and "dedup" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -29,7 +29,7 @@ from clip.train.data import (  # noqa: E402
     read_manifest,
     shuffled_stream,
 )
-from clip.train.distributed import first_slurm_host, slurm_env  # noqa: E402
+from clip.train.distributed import first_slurm_host, slurm_env, under_launcher  # noqa: E402
 from clip.train.loop import NonFiniteLossError, WarmupCosine, plan_schedule  # noqa: E402
 
 
@@ -178,10 +178,15 @@ def test_wrap_model_puts_resnet_convolutions_in_channels_last() -> None:
 
 def test_slurm_environment_maps_to_torch_variables() -> None:
     assert first_slurm_host("gpu[07-09,12],cpu1") == "gpu07"
-    env = slurm_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+    env = slurm_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
                      "SLURM_NODELIST": "node[3-4]", "SLURM_JOB_ID": "1234"})
     assert env == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node3", "MASTER_PORT": "29734"}
     assert slurm_env({}) == {}
+    # An sbatch batch script (allocation of 8 tasks, one process, not an srun step) is not rank 0 of 8.
+    batch_script = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NODELIST": "node[3-4]", "SLURM_JOB_ID": "1"}
+    assert slurm_env(batch_script) == {}
+    assert not under_launcher(batch_script)
+    assert under_launcher({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"})
 
 
 def test_torchrun_command_single_and_multi_node() -> None:

@@ -266,7 +266,9 @@ class _Runner(AbstractContextManager):
             else:
                 self.cluster = LocalCluster(
                     n_workers=self.compute.dask_workers, threads_per_worker=self.compute.threads_per_worker,
-                    processes=True, dashboard_address=None, silence_logs=40,
+                    processes=True, silence_logs=40,
+                    # Scheduler, workers and dashboard on loopback only: a local cluster needs no other interface.
+                    host="127.0.0.1", dashboard_address="127.0.0.1:0",
                 )
                 self.client = Client(self.cluster)
         return self.client

@@ -3,7 +3,7 @@
 Three launchers give the same environment contract (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
 
 * `torchrun` (torch.distributed.run) sets them itself;
-* SLURM `srun` sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_NODELIST: `slurm_env()` maps them
+* SLURM `srun` sets SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID / SLURM_NODELIST: `slurm_env()` maps them
   (MASTER_ADDR = first host of the node list, MASTER_PORT from the environment or 29500 + job id % 1000);
 * nothing: a single process, no process group at all (world size 1).
 
@@ -52,12 +52,17 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
-    """torch's env:// variables derived from a SLURM task's environment (empty when not under srun)."""
-    if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+    """torch's env:// variables derived from a SLURM task's environment (empty when not in an srun step).
+
+    The world size is the job step's task count (`SLURM_STEP_NUM_TASKS`, set by srun), not the allocation's
+    `SLURM_NTASKS`: a batch script run by sbatch with `--ntasks 8` is one process, and taking it for rank 0 of 8
+    would wait forever for the other seven.
+    """
+    if "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
         return {}
     out = {
         "RANK": env["SLURM_PROCID"],
-        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
     }
     if "MASTER_ADDR" not in env:
@@ -70,8 +75,9 @@ def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
 def under_launcher(env: Mapping[str, str] | None = None) -> bool:
     """True in a process started by torchrun (or srun): the worker side of `pipelines.train`."""
     env = os.environ if env is None else env
-    return ("RANK" in env and "WORLD_SIZE" in env) or ("SLURM_PROCID" in env and "SLURM_NTASKS" in env
-                                                       and int(env.get("SLURM_NTASKS", "1")) > 1)
+    return ("RANK" in env and "WORLD_SIZE" in env) or (
+        "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+    )
 
 
 def resolve_device(kind: str, local_rank: int) -> torch.device:
