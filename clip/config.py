@@ -266,7 +266,7 @@ class TrainConfig(Section):
     checkpoint_every: PositiveInt = 100  # steps
     keep_checkpoints: PositiveInt = 3
     max_nonfinite_steps: PositiveInt = 5  # consecutive non-finite losses before the run stops
-    log_every: PositiveInt = 10
+    log_every: PositiveInt = 1  # steps between metric logs (MLflow writes are asynchronous)
     seed: int = 0
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
 

@@ -66,6 +66,7 @@ class Tracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self._client: Any = None
+        self._pending: list[Any] = []  # asynchronous metric writes, waited for when the run ends
 
     @property
     def client(self) -> Any:
@@ -117,7 +118,16 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            # Asynchronous: a training step does not wait for the tracking store (logged every step by default).
+            operation = self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+            if operation is not None:
+                self._pending.append(operation)
+
+    def flush(self) -> None:
+        """Wait until every metric logged so far is in the tracking store."""
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            operation.wait()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.enabled or self.run_id is None:
@@ -134,6 +144,7 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         if not self.enabled or self.run_id is None:
             return
+        self.flush()
         self.client.set_terminated(self.run_id, status=status)
 
     @contextlib.contextmanager

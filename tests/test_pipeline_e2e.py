@@ -80,4 +80,6 @@ def test_pipeline_all_on_the_embedded_default(tmp_path: Path) -> None:
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1
     assert runs[0].data.tags["data_version"] == manifest["data_version"]
-    assert "loss" in runs[0].data.metrics
+    history = client.get_metric_history(runs[0].info.run_id, "loss")  # every step, all flushed before the run ended
+    assert sorted(m.step for m in history) == list(range(1, final["step"] + 1))
+    assert runs[0].info.status == "FINISHED"
