@@ -75,7 +75,7 @@ def main() -> None:
     if args.dask:
         from dask.distributed import Client, LocalCluster
 
-        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
+        with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
                 Client(cluster) as client:
             start = time.perf_counter()
             dask_pairs = find_near_pairs_dask(hashes, args.threshold, client, num_partitions=4)

@@ -84,7 +84,7 @@ def test_dask_search_equals_local() -> None:
 
     rng = np.random.default_rng(5)
     hashes = planted_hashes(rng, 3000, 4)
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         found = find_near_pairs_dask(hashes, 4, client, num_partitions=4)
     np.testing.assert_array_equal(found, brute_force_pairs(hashes, 4))
@@ -216,7 +216,7 @@ def test_dedup_with_dask_matches_local(tmp_path: Path) -> None:
     raw, _ = build_planted_pool(tmp_path, num_scenes=24, seed=3)
     pool = read_pool_metadata(str(raw))
     local = deduplicate(pool, DedupConfig(input_dir=str(raw), decontaminate_synthetic=False), [])
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         distributed = deduplicate(pool, DedupConfig(input_dir=str(raw), decontaminate_synthetic=False,
                                                     use_dask=True), [], dask=client)

@@ -114,11 +114,13 @@ def write_unique_pool(folder: Path, num_samples: int, per_shard: int, seed: int 
     return dict(samples)
 
 
-def write_keep(dedup_dir: Path, keep: dict[str, str]) -> None:
-    """A keep.parquet as the dedup stage writes it (key, shard)."""
+def write_keep(dedup_dir: Path, keep: dict[str, str], samples: dict[str, dict[str, bytes]]) -> None:
+    """A keep.parquet as the dedup stage writes it (key, shard, sha256 from each sample's raw JSON)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     dedup_dir.mkdir(parents=True, exist_ok=True)
     keys = sorted(keep)
-    pq.write_table(pa.table({"key": keys, "shard": [keep[k] for k in keys]}), dedup_dir / "keep.parquet")
+    sha256 = [json.loads(samples[k]["json"])["sha256"] for k in keys]
+    pq.write_table(pa.table({"key": keys, "shard": [keep[k] for k in keys], "sha256": sha256}),
+                   dedup_dir / "keep.parquet")

@@ -8,11 +8,16 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from test_dedup_support import write_keep, write_unique_pool
+from test_dedup_support import random_scene, sample_record, write_keep, write_raw_shards, write_unique_pool
 
-from clip.config import ShardConfig, config_from_dict
+from clip.config import DedupConfig, ShardConfig, config_from_dict
+from clip.dedup import run_dedup
+from clip.dedup.raw import StaleInputError
 from clip.shards import DeterministicTarWriter, data_version, run_sharding
 
 NUM_SAMPLES = 90
@@ -25,7 +30,7 @@ def raw_pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     root = tmp_path_factory.mktemp("pool")
     samples = write_unique_pool(root / "raw", NUM_SAMPLES, RAW_PER_SHARD, seed=1)
     keep = {key: f"raw-{i // RAW_PER_SHARD:05d}.tar" for i, key in enumerate(sorted(samples)) if i % 7 != 3}
-    write_keep(root / "dedup", keep)
+    write_keep(root / "dedup", keep, samples)
     return root, samples, keep
 
 
@@ -154,3 +159,86 @@ def test_pipeline_entry_point(raw_pool, tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert on_disk["total_samples"] == len(keep) == metrics["total_samples"]
     assert on_disk["data_version"] == check_published(tmp_path / "out")["data_version"]
+
+
+STALE_ADVICE = "does not match the raw pool in"
+
+
+def assert_nothing_published(out: Path) -> None:
+    """A refused run leaves no manifest, sizes.json or shard (final or staged) in the output folder."""
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert left == [], left
+
+
+def test_stale_keep_list_is_refused_before_writing(tmp_path: Path) -> None:
+    """collect (pool A) -> dedup -> collect again (pool B: the same positional keys, other images) -> shard must
+    refuse the old keep-list; after dedup reruns on B, shard publishes B's samples."""
+    raw = tmp_path / "raw"
+    pool_a = write_unique_pool(raw, 24, 8, seed=10)
+    dedup_cfg = DedupConfig(input_dir=str(raw), output_dir=str(tmp_path / "dedup"), decontaminate_synthetic=False)
+    run_dedup(dedup_cfg)
+    keep_table = pq.read_table(tmp_path / "dedup" / "keep.parquet")
+    assert keep_table.column_names == ["key", "shard", "sha256"]
+    for row in keep_table.to_pylist():  # the column is the raw JSON's image sha256
+        assert row["sha256"] == json.loads(pool_a[row["key"]]["json"])["sha256"]
+
+    for old in raw.glob("raw-*.tar"):
+        old.unlink()
+    pool_b = write_unique_pool(raw, 24, 8, seed=11)
+    assert sorted(pool_b) == sorted(pool_a) and pool_b["000000000"]["jpg"] != pool_a["000000000"]["jpg"]
+    out = tmp_path / "shards"
+    cfg = ShardConfig(input_dir=str(raw), dedup_dir=str(tmp_path / "dedup"), output=str(out),
+                      staging_dir=str(tmp_path / "staging"), samples_per_shard=10)
+    with pytest.raises(StaleInputError, match=STALE_ADVICE) as refused:
+        run_sharding(cfg)
+    message = str(refused.value)
+    assert str(tmp_path / "dedup" / "keep.parquet") in message and str(raw) in message
+    assert "rerun `clip-pipeline dedup`" in message
+    assert "000000000 (image sha256 differs)" in message  # the first mismatching key is named
+    assert_nothing_published(out)
+
+    run_dedup(dedup_cfg)  # the advice works: dedup on pool B, then shard publishes B's images
+    metrics = run_sharding(cfg)
+    manifest = check_published(out)
+    assert metrics["total_samples"] == manifest["total_samples"] == keep_table.num_rows
+    urls = [str(out / s["name"]) for s in manifest["shards"]]
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        assert sample["jpg"] == pool_b[sample["__key__"]]["jpg"]
+
+
+def test_partly_changed_pool_names_exactly_the_changed_keys(tmp_path: Path) -> None:
+    """One image replaced and one sample gone: both keys (and no other) are named, nothing is published."""
+    samples = write_unique_pool(tmp_path / "raw", 20, 10, seed=12)
+    keep = {key: f"raw-{i // 10:05d}.tar" for i, key in enumerate(sorted(samples))}
+    write_keep(tmp_path / "dedup", keep, samples)
+    changed = dict(samples)
+    changed["000000013"] = sample_record("000000013", random_scene(np.random.default_rng(99), (64, 48)), "other")
+    del changed["000000004"]
+    # The new pool: raw-00000.tar holds keys 0..9 without 4, raw-00001.tar keys 10..19 (13 with another image).
+    ordered = sorted(changed.items())
+    for name, part in (("raw-00000.tar", ordered[:9]), ("raw-00001.tar", ordered[9:])):
+        (written,) = write_raw_shards(tmp_path / f"new-{name}", part, per_shard=len(part))
+        written.replace(tmp_path / "raw" / name)
+    out = tmp_path / "shards"
+    with pytest.raises(StaleInputError, match=STALE_ADVICE) as refused:
+        run_sharding(shard_cfg(tmp_path, out))
+    message = str(refused.value)
+    assert "2 of 20 kept samples differ" in message
+    assert "000000004 (not in raw shard raw-00000.tar)" in message
+    assert "000000013 (image sha256 differs)" in message
+    assert_nothing_published(out)
+
+
+def test_keep_list_without_sha256_is_refused(raw_pool, tmp_path: Path) -> None:
+    """A keep.parquet from before the sha256 column cannot be verified against the raw pool: refused, same advice."""
+    root, _, keep = raw_pool
+    legacy = tmp_path / "root"
+    (legacy / "dedup").mkdir(parents=True)
+    (legacy / "raw").symlink_to(root / "raw")
+    keys = sorted(keep)
+    pq.write_table(pa.table({"key": keys, "shard": [keep[k] for k in keys]}), legacy / "dedup" / "keep.parquet")
+    out = tmp_path / "shards"
+    with pytest.raises(StaleInputError, match=STALE_ADVICE) as refused:
+        run_sharding(shard_cfg(legacy, out))
+    assert "rerun `clip-pipeline dedup`" in str(refused.value) and "sha256" in str(refused.value)
+    assert_nothing_published(out)

@@ -18,7 +18,7 @@ from clip.shards import PublishError, data_version, run_sharding
 def pool(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     samples = write_unique_pool(tmp_path / "raw", 40, 10, seed=2)
     keep = {key: f"raw-{i // 10:05d}.tar" for i, key in enumerate(sorted(samples))}
-    write_keep(tmp_path / "dedup", keep)
+    write_keep(tmp_path / "dedup", keep, samples)
     return tmp_path, keep
 
 
@@ -127,7 +127,7 @@ def test_large_shard_goes_up_in_parts_through_faults(s3_faulty_bucket, tmp_path:
         image = Image.fromarray(rng.integers(0, 256, (640, 640, 3), dtype=np.uint8))
         samples.append((f"{i:09d}", sample_record(f"{i:09d}", image, f"noise {i}", quality=95)))
     write_raw_shards(tmp_path / "raw", samples, per_shard=3)
-    write_keep(tmp_path / "dedup", {key: "raw-00000.tar" for key, _ in samples})
+    write_keep(tmp_path / "dedup", {key: "raw-00000.tar" for key, _ in samples}, dict(samples))
     storage_cfg = StorageConfig(max_attempts=4, backoff_base_s=0.01, multipart_threshold_mb=1)
     proxy.add(method="PUT", path_regex=r"shard-00000\.tar\?.*partNumber=1", action="drop_mid_body", times=1)
     proxy.add(method="POST", path_regex=r"shard-00000\.tar\?uploadId=", action="503", times=1)

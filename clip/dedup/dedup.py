@@ -61,6 +61,7 @@ def _is_edge_noise(char: str) -> bool:
 class DedupResult:
     keys: list[str]
     shards: list[str]
+    sha256: list[str]  # image sha256 from each sample's raw JSON (keep.parquet carries it, the shard stage checks it)
     reason: list[str | None]  # None: kept
     duplicate_of: list[str | None]
     overlap_report: dict[str, dict[str, Any]]
@@ -108,7 +109,8 @@ def dask_client(compute: ComputeConfig) -> Iterator[Any]:
             yield client
         return
     with LocalCluster(n_workers=compute.dask_workers, threads_per_worker=compute.threads_per_worker,
-                      processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
+                      processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as client:  # a local cluster listens on loopback only
         yield client
 
 
@@ -211,7 +213,7 @@ def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
         **timings,
         "dedup_seconds": time.monotonic() - start,
     }
-    return DedupResult(keys=pool.keys, shards=pool.shards, reason=reason, duplicate_of=duplicate_of,
+    return DedupResult(keys=pool.keys, shards=pool.shards, sha256=pool.sha256, reason=reason, duplicate_of=duplicate_of,
                        overlap_report=overlap.report, metrics=metrics)
 
 
@@ -226,8 +228,13 @@ def write_outputs(result: DedupResult, output_dir: str | Path) -> dict[str, str]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     kept = sorted(result.kept_indices(), key=lambda i: result.keys[i])
-    _write_parquet(pa.table({"key": [result.keys[i] for i in kept], "shard": [result.shards[i] for i in kept]}),
-                   out / "keep.parquet")
+    # sha256 ties the keep-list to the raw pool it was computed from: keys are positional and a collect rerun
+    # reuses them for other images, so the shard stage refuses a keep-list whose sha256s the raw JSON contradicts.
+    _write_parquet(pa.table({
+        "key": pa.array([result.keys[i] for i in kept], pa.string()),
+        "shard": pa.array([result.shards[i] for i in kept], pa.string()),
+        "sha256": pa.array([result.sha256[i] for i in kept], pa.string()),
+    }), out / "keep.parquet")
     removed = sorted((i for i, r in enumerate(result.reason) if r is not None), key=lambda i: result.keys[i])
     _write_parquet(pa.table({
         "key": pa.array([result.keys[i] for i in removed], pa.string()),

@@ -34,6 +34,14 @@ class MissingInputError(FileNotFoundError):
     """
 
 
+class StaleInputError(ValueError):
+    """An input of the shard stage belongs to another run: keep.parquet does not match the raw pool it names.
+
+    Raw keys are positional (`000000042`), so a collect rerun with another config reuses the same keys for other
+    images; the keep-list of the old pool must then be refused, not published against the new one.
+    """
+
+
 def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 
 from clip import storage
 from clip.config import ShardConfig, StorageConfig
-from clip.dedup.raw import MissingInputError, list_raw_shards, shard_name
+from clip.dedup.raw import MissingInputError, StaleInputError, list_raw_shards, shard_name
 from clip.shards.publish import publish
 from clip.shards.writer import index_raw_members, plan_shards, shuffled_keys, write_shards
 
@@ -23,13 +24,33 @@ ProgressFn = Callable[[str, int, int], None]  # (task description, done, total)
 STAGED_SUFFIX = ".tmp-staged"  # local output: ".<shard>.tmp-staged" beside the final name (never listed)
 
 
-def read_keep(dedup_dir: str) -> dict[str, str]:
-    """kept key -> raw shard name, from dedup's keep.parquet."""
+@dataclass(frozen=True)
+class KeepList:
+    """dedup's keep.parquet: which raw samples go into training, and the image each must still be."""
+
+    path: str
+    shard_of: dict[str, str]  # kept key -> raw shard name
+    sha256_of: dict[str, str]  # kept key -> image sha256 from the raw JSON when dedup ran
+
+
+def read_keep(dedup_dir: str, input_dir: str) -> KeepList:
+    """dedup's keep.parquet; refused when it has no `sha256` column (written before keep-lists carried one, so
+    it cannot be checked against the raw pool in `input_dir`)."""
     path = Path(dedup_dir) / "keep.parquet"
     if not path.is_file():
         raise MissingInputError(f"{path} does not exist (run the dedup stage first)")
-    table = pq.read_table(path, columns=["key", "shard"])
-    return dict(zip(table.column("key").to_pylist(), table.column("shard").to_pylist(), strict=True))
+    columns = pq.read_schema(path).names
+    missing = [c for c in ("key", "shard") if c not in columns]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {missing} (see docs/formats.md \"Dedup output\")")
+    if "sha256" not in columns:
+        raise StaleInputError(f"{path} does not match the raw pool in {input_dir}: rerun `clip-pipeline dedup` "
+                              "(it has no sha256 column: an older dedup wrote it, so it cannot be verified)")
+    table = pq.read_table(path, columns=["key", "shard", "sha256"])
+    keys = table.column("key").to_pylist()
+    return KeepList(path=str(path),
+                    shard_of=dict(zip(keys, table.column("shard").to_pylist(), strict=True)),
+                    sha256_of=dict(zip(keys, table.column("sha256").to_pylist(), strict=True)))
 
 
 def local_raw_shards(input_uri: str, needed: set[str], staging_dir: str,
@@ -57,11 +78,14 @@ def run_sharding(cfg: ShardConfig, storage_cfg: StorageConfig | None = None,
         return None if progress is None else (lambda done, total: progress(task, done, total))
 
     start = time.monotonic()
-    keep = read_keep(cfg.dedup_dir)
+    keep_list = read_keep(cfg.dedup_dir, cfg.input_dir)
+    keep = keep_list.shard_of
     if not keep:
-        raise ValueError(f"{cfg.dedup_dir}/keep.parquet has no samples: nothing to shard")
+        raise ValueError(f"{keep_list.path} has no samples: nothing to shard")
     raw = local_raw_shards(cfg.input_dir, set(keep.values()), cfg.staging_dir, storage_cfg)
-    index = index_raw_members(raw, keep, report("indexing raw shards"))
+    # Every kept key's raw JSON must still carry the image sha256 dedup saw; otherwise nothing is written.
+    index = index_raw_members(raw, keep, report("indexing raw shards"), expected_sha256=keep_list.sha256_of,
+                              keep_path=keep_list.path, input_dir=cfg.input_dir)
     plans = plan_shards(shuffled_keys(list(keep), cfg.seed), index, cfg.samples_per_shard, cfg.max_shard_bytes)
     indexed_s = time.monotonic() - start
 

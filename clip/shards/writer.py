@@ -1,7 +1,9 @@
 """Shuffled training shards from the raw pool, streamed: no image is held in memory beyond the one being copied.
 
 1. `index_raw_members`: one pass over the headers of the raw shards holding kept keys records, per kept key,
-   where each of its members' bytes lie (raw shard, offset, size). Tar headers are read; data is skipped.
+   where each of its members' bytes lie (raw shard, offset, size). Tar headers are read; of the data only the
+   kept samples' small `{key}.json` members are, to check each image sha256 against keep.parquet's (a keep-list
+   from another raw pool is refused: keys are positional, so a collect rerun reuses them for other images).
 2. `plan_shards`: the kept keys in a deterministic shuffled order (seeded permutation of the sorted keys, so
    samples from all sources and raw shards mix), cut into shards at `samples_per_shard` samples or
    `max_shard_bytes` bytes, whichever comes first (exact sizes are known from the index).
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from collections.abc import Callable
@@ -19,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from clip.dedup.raw import MissingInputError, split_member_name
+from clip.dedup.raw import MissingInputError, StaleInputError, split_member_name
 from clip.shards.tarwriter import DeterministicTarWriter, archive_bytes, member_bytes
 
 SAMPLE_MEMBERS = ("jpg", "json", "txt")  # what a training sample carries, in the order written (sorted)
+STALE_EXAMPLES = 5  # how many mismatching keys a refusal names
 
 
 @dataclass(frozen=True)
@@ -63,16 +67,44 @@ class ShardFile:
     sha256: str
 
 
+def _json_sha256(data: bytes) -> str | None:
+    """The `sha256` field of a raw sample's JSON member, or None when the member is unreadable or lacks it."""
+    try:
+        meta = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    value = meta.get("sha256") if isinstance(meta, dict) else None
+    return str(value) if value is not None else None
+
+
+def stale_keep_error(problems: dict[str, str], total: int, keep_path: str, input_dir: str) -> StaleInputError:
+    """The refusal of a keep-list that the raw pool contradicts; `problems` is kept key -> what is wrong."""
+    first = ", ".join(f"{key} ({problems[key]})" for key in sorted(problems)[:STALE_EXAMPLES])
+    return StaleInputError(
+        f"{keep_path} does not match the raw pool in {input_dir}: rerun `clip-pipeline dedup` "
+        f"({len(problems)} of {total} kept samples differ; first: {first})")
+
+
 def index_raw_members(raw_paths: dict[str, Path], keep: dict[str, str],
-                      progress: Callable[[int, int], None] | None = None) -> RawIndex:
+                      progress: Callable[[int, int], None] | None = None,
+                      expected_sha256: dict[str, str] | None = None, keep_path: str = "keep.parquet",
+                      input_dir: str = "the input") -> RawIndex:
     """Locate the jpg/txt/json members of every kept key.
 
     raw_paths: raw shard name -> local file; keep: kept key -> raw shard name (from keep.parquet).
-    Raises naming the key when a kept sample or one of its members is missing.
+    expected_sha256: kept key -> image sha256 (keep.parquet's `sha256` column). When given, every kept key's
+    `{key}.json` is read and its `sha256` compared; any kept key that is missing from the raw pool or whose
+    sha256 differs makes the whole call raise StaleInputError (naming `keep_path`, `input_dir` and the first
+    such keys), before anything is written. Without it, a missing shard, sample or member raises naming the key.
     """
+    verify = expected_sha256 is not None
+    problems: dict[str, str] = {}  # kept key -> what contradicts the keep-list (verify mode only)
     wanted: dict[str, set[str]] = {}
     for key, shard in keep.items():
         if shard not in raw_paths:
+            if verify:
+                problems[key] = f"raw shard {shard} is not in the input"
+                continue
             raise MissingInputError(f"kept sample {key!r} lives in raw shard {shard!r}, which is not in the input")
         wanted.setdefault(shard, set()).add(key)
     names = sorted(wanted)
@@ -80,6 +112,7 @@ def index_raw_members(raw_paths: dict[str, Path], keep: dict[str, str],
     samples: dict[str, SampleLocation] = {}
     for shard_idx, name in enumerate(names):
         found: dict[str, dict[str, MemberLocation]] = {}
+        json_sha256: dict[str, str | None] = {}
         keys = wanted[name]
         with tarfile.open(raw_paths[name], mode="r:") as tar:  # seekable: headers only, data skipped
             for member in tar:
@@ -88,14 +121,32 @@ def index_raw_members(raw_paths: dict[str, Path], keep: dict[str, str],
                 key, ext = split_member_name(member.name)
                 if key in keys and ext in SAMPLE_MEMBERS:
                     found.setdefault(key, {})[ext] = MemberLocation(member.offset_data, member.size)
+                    if verify and ext == "json":  # a few hundred bytes; images are never read
+                        extracted = tar.extractfile(member)
+                        assert extracted is not None  # a regular file always has contents
+                        json_sha256[key] = _json_sha256(extracted.read())
         for key in keys:
             members = found.get(key, {})
             missing = [ext for ext in SAMPLE_MEMBERS if ext not in members]
-            if missing:
+            if verify:
+                assert expected_sha256 is not None
+                if not members:
+                    problems[key] = f"not in raw shard {name}"
+                elif missing:
+                    problems[key] = f"lacks member(s) {', '.join(missing)} in raw shard {name}"
+                elif json_sha256.get(key) is None:
+                    problems[key] = f"{key}.json in raw shard {name} has no readable sha256"
+                elif json_sha256[key] != expected_sha256.get(key):
+                    problems[key] = "image sha256 differs"
+                if key in problems:
+                    continue
+            elif missing:
                 raise ValueError(f"raw shard {name}: kept sample {key!r} lacks member(s) {missing}")
             samples[key] = SampleLocation(shard_idx, tuple(sorted(members.items())))
         if progress is not None:
             progress(shard_idx + 1, len(names))
+    if problems:
+        raise stale_keep_error(problems, len(keep), keep_path, input_dir)
     return RawIndex(paths=paths, samples=samples)
 
 
