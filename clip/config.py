@@ -140,7 +140,7 @@ class QueriesConfig(Section):
 
 class FetchConfig(Section):
     threads: PositiveInt = 64
-    timeout_s: PositiveFloat = 10.0  # per request: connect and read each
+    timeout_s: PositiveFloat = 10.0  # per request: DNS look-up, connect and read each
     total_timeout_s: PositiveFloat | None = None  # whole exchange incl. body (slow-drip bound); None: 3 x timeout_s
     retries: NonNegativeInt = 2
     backoff_base_s: PositiveFloat = 0.5

@@ -435,6 +435,88 @@ def test_dns_failure() -> None:
     assert (result.status, result.reason, result.retryable) == ("failed", "dns", True)
 
 
+def test_stuck_dns_lookup_is_bounded_by_timeout_and_not_cached(server: ImageServer) -> None:
+    # A resolver that never answers for one name (as getaddrinfo can block for tens of seconds): its URLs must
+    # fail with a retryable dns error after timeout_s, while other hosts in the same batch are fetched.
+    release = threading.Event()
+    stuck_entered = threading.Event()
+    stuck_returned = threading.Event()
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    def lookup(host: str, port: int) -> list[str]:
+        with lock:
+            calls.append(host)
+        if host == "stuck.test":
+            stuck_entered.set()
+            release.wait(30)  # far past the pytest timeout of the module: only release ends it in time
+            stuck_returned.set()
+        return ["127.0.0.1"]
+
+    urls = [
+        f"http://stuck.test:{server.port}/img/100x80/1.jpg",
+        f"http://fine.test:{server.port}/img/100x80/1.jpg",
+        f"http://stuck.test:{server.port}/img/100x80/2.jpg",
+        f"http://other.test:{server.port}/img/100x80/2.jpg",
+    ]
+    try:
+        with Fetcher(make_cfg(threads=4, timeout_s=0.3, retries=0), lookup=lookup) as fetcher:
+            started = time.monotonic()
+            single = fetcher.fetch(urls[0])
+            single_s = time.monotonic() - started
+            results = dict(fetcher.fetch_many(urls))
+            # The fetcher gave up while the lookup was still blocked: it did not wait for it.
+            assert stuck_entered.is_set() and not stuck_returned.is_set()
+            assert single_s < 5.0, single_s  # bounded by timeout_s, not by the 30 s the lookup would take
+            for result in (single, results[0], results[2]):
+                assert (result.status, result.reason, result.retryable) == ("failed", "dns", True), result
+            assert results[1].status == "ok" and results[3].status == "ok", results
+            # Every request after the first waited on the same running lookup: one thread for the stuck host.
+            assert calls.count("stuck.test") == 1, calls
+
+            # Not cached as a failure: once the resolver answers, the host is fetched again.
+            release.set()
+            assert stuck_returned.wait(5)
+            late = fetcher.fetch(f"http://stuck.test:{server.port}/img/100x80/3.jpg")
+            assert late.status == "ok", late
+            assert calls.count("stuck.test") == 1, calls  # the late answer was cached, no second lookup
+    finally:
+        release.set()  # never leave the lookup thread blocked, even when an assertion failed
+    deadline = time.monotonic() + 5.0
+    while any(t.name.startswith("dns-") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("dns-")]  # close() let them exit
+
+
+def test_resolver_timeout_then_late_negative_answer_is_cached() -> None:
+    # A late NXDOMAIN is cached as the permanent failure it is; the timed-out attempt itself was temporary.
+    release = threading.Event()
+    calls: list[str] = []
+
+    def lookup(host: str, port: int) -> list[str]:
+        calls.append(host)
+        release.wait(30)
+        raise ResolveError(f"no such host {host}")
+
+    resolver = Resolver(ttl_s=60, lookup=lookup, timeout_s=0.2)
+    try:
+        with pytest.raises(ResolveError) as first:
+            resolver.resolve("gone.test", 80)
+        assert first.value.temporary
+        release.set()
+        deadline = time.monotonic() + 5.0
+        while resolver._running and time.monotonic() < deadline:  # the abandoned lookup finishing on its own
+            time.sleep(0.01)
+        for _ in range(2):
+            with pytest.raises(ResolveError) as later:
+                resolver.resolve("gone.test", 80)
+            assert not later.value.temporary
+        assert calls == ["gone.test"]
+    finally:
+        release.set()
+        resolver.close()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # SSRF guard in the fetcher, redirects
 

@@ -11,7 +11,8 @@ a reason; nothing raises for a bad URL or a misbehaving server.
         print(fetcher.latency_stats())
 
 What it does for every request:
-- resolves the host once per `dns_ttl_s` (single flight), checks every address with the SSRF guard
+- resolves the host once per `dns_ttl_s` (single flight), each real lookup bounded by `timeout_s` (one that
+  overruns fails the URL with a retryable `dns` and is not cached), checks every address with the SSRF guard
   (`clip.collect.netguard`) and connects only to an address that passed: the socket is opened to that IP
   while the Host header and TLS SNI carry the name, so a second DNS answer cannot redirect it (rebinding);
 - follows redirects itself (`max_redirects`), checking each hop again (scheme, guard, robots.txt);
@@ -95,7 +96,8 @@ class FetchResult:
     too_many_redirects, not_an_image (and error_<Exception> for a bug). When filtered (our policy, see
     FILTERED_REASONS): opt_out_header, robots_txt, blocked_address, too_large, content_type, too_small,
     aspect_ratio, decompression_bomb. `retryable` marks failures a later run may fix: timeout, connection,
-    429 / 5xx (after this run's retries), and a temporary DNS failure.
+    429 / 5xx (after this run's retries), and a temporary DNS failure (the resolver said "try again", or the
+    lookup overran `timeout_s`); NXDOMAIN / no address is not retryable.
     """
 
     url: str
@@ -528,7 +530,10 @@ class Fetcher:
         self._dns_ms = _Reservoir()
         self._download_ms = _Reservoir()
         self._requests = 0
-        self.resolver = Resolver(cfg.dns_ttl_s, lookup, on_lookup=self._record_lookup)
+        # getaddrinfo has no timeout of its own: each real lookup gets the same bound as a connect or read.
+        self.resolver = Resolver(
+            cfg.dns_ttl_s, lookup, on_lookup=self._record_lookup, timeout_s=cfg.timeout_s
+        )
         self._limiter = _HostLimiter(cfg.per_host_concurrency, cfg.per_host_rate)
         self._pool = _ConnectionPool(cfg.per_host_concurrency)
         self._watchdog = _Watchdog()
@@ -553,7 +558,10 @@ class Fetcher:
         self.close()
 
     def close(self) -> None:
-        """Stop the worker threads and the watchdog, close pooled connections. Idempotent."""
+        """Stop the worker threads, the lookup threads and the watchdog, close pooled connections. Idempotent.
+
+        A lookup stuck in the OS resolver is not waited for: its daemon thread ends when the lookup returns.
+        """
         if self._closed:
             return
         self._closed = True
@@ -561,6 +569,7 @@ class Fetcher:
             self._executor.shutdown(wait=True, cancel_futures=True)
         self._watchdog.stop()
         self._pool.close_all()
+        self.resolver.close()
 
     # -- public API --------------------------------------------------------------------------------------
 
@@ -664,7 +673,7 @@ class Fetcher:
                 return _Exchange(reason="bad_url")
             try:
                 addresses, waited_ms = self.resolver.resolve(target.host, target.port)
-            except ResolveError as exc:
+            except ResolveError as exc:  # temporary: EAI_AGAIN or no answer within timeout_s
                 return _Exchange(reason="dns", retryable=exc.temporary)
             dns_total.append(waited_ms)
             usable = [a for a in addresses if self._address_allowed(a)]
