@@ -401,3 +401,17 @@ def test_training_inside_a_prefect_flow_with_loader_workers(tmp_path: Path, pref
     metrics = train_flow()
     assert metrics["steps"] == metrics["total_steps"] > 0
     assert (tmp_path / "out" / "final.pt").exists()
+
+
+def test_new_data_version_is_not_mistaken_for_a_finished_run(tmp_path: Path) -> None:
+    """Weekly reruns: new shards under the same train.output must not report the old run as done."""
+    from clip.train import train
+
+    make_shards(tmp_path / "shards", n=64, per_shard=32, seed=0)
+    first = train(_cfg(tmp_path / "shards", tmp_path / "out"))
+    assert first["steps"] == first["total_steps"]
+    make_shards(tmp_path / "shards", n=64, per_shard=32, seed=1)  # same names, other samples: a new version
+    with pytest.raises(ValueError, match="data version .* use a new train.output"):
+        train(_cfg(tmp_path / "shards", tmp_path / "out"))
+    again = train(_cfg(tmp_path / "shards", tmp_path / "out-v2"))
+    assert again["data_version"] != first["data_version"]

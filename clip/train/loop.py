@@ -293,6 +293,13 @@ def _train(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
                     f"{found[0]} was trained with train.{key}={saved[key]!r} but this run asks for "  # type: ignore[index]
                     f"{asked[key]!r}; use a new train.output, or the same train.{key} to resume"
                 )
+    if resume is not None and resume.get("data_version") not in (None, manifest.data_version):
+        # Its data position and schedule belong to other data; carrying on (or reporting its finished run as
+        # this one) would silently skip training on the new data version.
+        raise ValueError(
+            f"{found[0]} was trained on data version {str(resume['data_version'])[:12]}, but {tcfg.data} now "  # type: ignore[index]
+            f"holds version {manifest.data_version[:12]}; use a new train.output to train on the new data"
+        )
     if resume is not None and int(resume.get("step", 0)) > schedule.total_steps:
         raise ValueError(
             f"{found[0]} is at step {resume['step']}, beyond this run's {schedule.total_steps} steps; "  # type: ignore[index]
