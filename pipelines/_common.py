@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from clip import storage
 from clip.config import DEFAULT_PARAMS, ConfigError, PipelineConfig, load_config
 
 
@@ -51,9 +52,5 @@ def stage_main(run: Callable[[PipelineConfig], dict[str, Any]], description: str
 
 
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
-    """Write a stage's metrics JSON atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    """Write a stage's metrics JSON atomically (a reader never sees half a file); a local path or s3:// URI."""
+    storage.write_bytes(str(path), (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode("utf-8"))

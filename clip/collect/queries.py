@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clip.config import QueriesConfig
+from clip.config import QueriesConfig, StorageConfig
 
 _WORD = re.compile(r"[^\W_]+")  # letters and digits, any script; underscores and punctuation separate words
 _SPACE = re.compile(r"\s+")
@@ -194,16 +194,8 @@ def corpus_counts(paths: Iterable[str]) -> NgramCounts:
     return counts
 
 
-def write_queries(queries: list[str], path: str) -> None:
-    """queries.txt: one query per line, written atomically."""
-    data = ("\n".join(queries) + "\n" if queries else "").encode("utf-8")
-    if path.startswith("s3://"):
-        from clip import storage
+def write_queries(queries: list[str], path: str, storage_cfg: StorageConfig | None = None) -> None:
+    """queries.txt: one query per line, written atomically (local path or s3:// URI)."""
+    from clip import storage
 
-        storage.write_bytes(path, data)
-        return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(target)
+    storage.write_bytes(path, ("\n".join(queries) + "\n" if queries else "").encode("utf-8"), storage_cfg)

@@ -379,7 +379,7 @@ def _run_collect(
     with _Runner(compute, use_dask) as runner:
         # 1. queries
         queries = build_query_list(cfg, source, parts, runner)
-        query_lib.write_queries(queries, cfg.queries_path)
+        query_lib.write_queries(queries, cfg.queries_path, storage_cfg)
         digest = _digest(queries)
 
         # 2. map: match every partition

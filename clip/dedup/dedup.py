@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip import storage
 from clip.config import ComputeConfig, DedupConfig, StorageConfig
 from clip.dedup.color import PoolSignatures, signature_distance
 from clip.dedup.decontam import EvalSet, eval_set_names, find_overlap, hash_image_folder, synthetic_eval_sets
@@ -218,9 +219,9 @@ def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    storage.write_bytes(str(path), buffer.getvalue().to_pybytes())  # atomic
 
 
 def write_outputs(result: DedupResult, output_dir: str | Path) -> dict[str, str]:
@@ -243,9 +244,7 @@ def write_outputs(result: DedupResult, output_dir: str | Path) -> dict[str, str]
         "shard": pa.array([result.shards[i] for i in removed], pa.string()),
     }), out / "removed.parquet")
     report_path = out / "overlap_report.json"
-    tmp = report_path.with_name(f".{report_path.name}.tmp")
-    tmp.write_text(json.dumps(result.overlap_report, indent=2, sort_keys=True) + "\n")
-    tmp.replace(report_path)
+    storage.write_bytes(str(report_path), (json.dumps(result.overlap_report, indent=2, sort_keys=True) + "\n").encode())
     return {"keep": str(out / "keep.parquet"), "removed": str(out / "removed.parquet"), "overlap_report": str(report_path)}
 
 
