@@ -123,6 +123,14 @@ def build_peer(name: str, cfg: CLIPConfig) -> nn.Module:
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that no pretrained weights are loaded
     if name in OPEN_CLIP_NAMES:
         return open_clip.create_model(OPEN_CLIP_NAMES[name], pretrained=None, output_dict=True)
+    return open_clip_from_config(cfg, output_dict=True)
+
+
+def open_clip_from_config(cfg: CLIPConfig, output_dict: bool = False) -> nn.Module:
+    """open_clip's model of the same architecture as our `cfg`, built from an equivalent model-config dict
+    (also what tests/test_model.py compares against)."""
+    import open_clip
+
     v, t = cfg.vision, cfg.text
     vision_cfg: dict[str, Any] = {
         "image_size": v.image_size,
@@ -140,7 +148,7 @@ def build_peer(name: str, cfg: CLIPConfig) -> nn.Module:
         "layers": t.layers,
         "mlp_ratio": t.mlp_ratio,
     }
-    return open_clip.CLIP(cfg.embed_dim, vision_cfg, text_cfg, quick_gelu=cfg.quick_gelu, output_dict=True)
+    return open_clip.CLIP(cfg.embed_dim, vision_cfg, text_cfg, quick_gelu=cfg.quick_gelu, output_dict=output_dict)
 
 
 class Runner:

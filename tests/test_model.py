@@ -51,29 +51,16 @@ OPENAI_PARAM_COUNTS = {
 }
 
 
+def _train_step_benchmark():  # benchmarks/ is not a package: load the script by path
+    spec = importlib.util.spec_from_file_location("train_step_bench", REPO / "benchmarks" / "train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def open_clip_twin(model: CLIP) -> nn.Module:
     """open_clip's model for the same architecture, built from an equivalent model-config dict."""
-    cfg = model.config
-    v, t = cfg.vision, cfg.text
-    vision_cfg: dict[str, Any] = {
-        "image_size": v.image_size,
-        "width": v.width,
-        "head_width": v.head_width,
-        "mlp_ratio": v.mlp_ratio,
-    }
-    if v.is_resnet:
-        vision_cfg.update(layers=list(v.layers), patch_size=None)
-    else:
-        vision_cfg.update(layers=v.layers, patch_size=v.patch_size)
-    text_cfg = {
-        "context_length": t.context_length,
-        "vocab_size": t.vocab_size,
-        "width": t.width,
-        "heads": t.heads,
-        "layers": t.layers,
-        "mlp_ratio": t.mlp_ratio,
-    }
-    return open_clip.CLIP(cfg.embed_dim, vision_cfg, text_cfg, quick_gelu=cfg.quick_gelu)
+    return _train_step_benchmark().open_clip_from_config(model.config)
 
 
 def randomise_(model: nn.Module, seed: int = 0) -> None:
@@ -492,9 +479,7 @@ def test_build_optimizer_decays_only_the_decayed_group() -> None:
 
 
 def test_train_step_benchmark_runs_with_open_clip_peer(capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("train_step_bench", REPO / "benchmarks" / "train_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _train_step_benchmark()
     result = bench.main(
         [
             "--config",
