@@ -1,14 +1,16 @@
-# The README's two commands: `make pipeline` and `make test`. Both create .venv when missing and install into it;
-# an install is skipped while pyproject.toml is unchanged (stamp files keyed on its hash), so the edit-test loop stays fast.
+# The README's two commands: `make pipeline` and `make test`. Both create .venv when missing and install into it
+# with the exact versions of constraints.txt; an install is skipped while pyproject.toml and constraints.txt are
+# unchanged (stamp files keyed on their hash), so the edit-test loop stays fast.
 
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+PYPROJECT_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 RUNTIME_STAMP := $(VENV)/.installed-runtime-$(PYPROJECT_HASH)
 TEST_STAMP := $(VENV)/.installed-test-$(PYPROJECT_HASH)
 PIP_FLAGS := -q --disable-pip-version-check
+CONSTRAINTS := -c constraints.txt
 export NO_ALBUMENTATIONS_UPDATE := 1
 export MLFLOW_ENABLE_TELEMETRY := false
 export DO_NOT_TRACK := 1
@@ -30,13 +32,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip setuptools wheel
 
-$(RUNTIME_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install $(PIP_FLAGS) -e .
+$(RUNTIME_STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install $(PIP_FLAGS) $(CONSTRAINTS) -e .
 	rm -f $(VENV)/.installed-runtime-*
 	touch $@
 
-$(TEST_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install $(PIP_FLAGS) -e '.[test]'
+$(TEST_STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install $(PIP_FLAGS) $(CONSTRAINTS) -e '.[test]'
 	rm -f $(VENV)/.installed-test-* $(VENV)/.installed-runtime-*
 	touch $(RUNTIME_STAMP) $@
 

@@ -1,6 +1,6 @@
 """Fetch benchmark: clip.collect.fetch.Fetcher vs img2dataset on the same URLs, in the same run.
 
-A loopback server (tests/webserver.py, its own process) serves 640x480 JPEGs (a few distinct pictures behind
+A loopback server (tests/support/webserver.py, its own process) serves 640x480 JPEGs (a few distinct pictures behind
 N distinct URLs). Both tools fetch all N URLs, resize to 256 keeping the ratio, re-encode JPEG (quality 90)
 and write webdataset tars:
 - ours: `processes` worker processes, each one Fetcher with `threads` threads over its slice of the URLs,
@@ -50,9 +50,9 @@ def ensure_img2dataset_venv(venv: Path) -> Path:
 
 
 def start_server() -> tuple[subprocess.Popen, int]:
-    """tests/webserver.py in its own process (so its GIL does not compete with the fetcher's)."""
+    """tests/support/webserver.py in its own process (so its GIL does not compete with the fetcher's)."""
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "webserver.py"), "--host", "127.0.0.1", "--port", "0"],
+        [sys.executable, str(REPO / "tests" / "support" / "webserver.py"), "--host", "127.0.0.1", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )

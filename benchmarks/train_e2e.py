@@ -11,7 +11,7 @@
         --device cuda --samples 20000 --source-size 320 --steps 100
 
 Shards: `--samples` JPEGs of `--source-size` px (textured scenes, quality 90, ~the size of web images after
-collection) written once under .bench/train_e2e/ with a manifest. The loader is clip.train.data.RankLoader,
+collection) written once under .bench/train_e2e/ with a manifest. The loader is clip.train.loader.RankLoader,
 exactly what training uses (deterministic streams, window shuffle, per-sample seeded augmentation).
 Prints one JSON line per measurement.
 """
@@ -33,7 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clip.train.data import DataState, RankLoader, StreamConfig, StreamPlan, iter_captions, read_manifest  # noqa: E402
+from clip.train.loader import RankLoader, StreamConfig  # noqa: E402
+from clip.train.streams import DataState, StreamPlan, iter_captions, read_manifest  # noqa: E402
 
 WORDS = ["red", "green", "blue", "small", "large", "square", "circle", "cat", "dog", "tree", "car", "house"]
 

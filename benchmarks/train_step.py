@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from clip.model import CLIPConfig, create_model, get_config, list_models  # noqa: E402
 from clip.optim import build_optimizer  # noqa: E402
+from tests.support.openclip_twin import open_clip_from_config  # noqa: E402
 
 # Our preset -> open_clip's name for the same architecture (QuickGELU variants: what OpenAI released).
 OPEN_CLIP_NAMES = {
@@ -124,31 +125,6 @@ def build_peer(name: str, cfg: CLIPConfig) -> nn.Module:
     if name in OPEN_CLIP_NAMES:
         return open_clip.create_model(OPEN_CLIP_NAMES[name], pretrained=None, output_dict=True)
     return open_clip_from_config(cfg, output_dict=True)
-
-
-def open_clip_from_config(cfg: CLIPConfig, output_dict: bool = False) -> nn.Module:
-    """open_clip's model of the same architecture as our `cfg`, built from an equivalent model-config dict
-    (also what tests/test_model.py compares against)."""
-    import open_clip
-
-    v, t = cfg.vision, cfg.text
-    vision_cfg: dict[str, Any] = {
-        "image_size": v.image_size,
-        "layers": list(v.layers) if v.is_resnet else v.layers,
-        "width": v.width,
-        "head_width": v.head_width,
-        "mlp_ratio": v.mlp_ratio,
-        "patch_size": v.patch_size if not v.is_resnet else None,
-    }
-    text_cfg = {
-        "context_length": t.context_length,
-        "vocab_size": t.vocab_size,
-        "width": t.width,
-        "heads": t.heads,
-        "layers": t.layers,
-        "mlp_ratio": t.mlp_ratio,
-    }
-    return open_clip.CLIP(cfg.embed_dim, vision_cfg, text_cfg, quick_gelu=cfg.quick_gelu, output_dict=output_dict)
 
 
 class Runner:

@@ -1,8 +1,10 @@
 """One typed configuration for the whole pipeline, loaded from params.yaml.
 
 Each top-level section of params.yaml is one pydantic model below; a stage receives its own section
-(and `storage` / `tracking` / `compute` where it needs them), never the whole tree. Unknown keys, wrong
-types and impossible values are refused before anything starts, with the dotted key and the value named.
+(and `storage` / `tracking` / `compute` where it needs them), never the whole tree; `debug` holds test and
+debug aids of the training loop. Unknown keys, wrong types and impossible values are refused before anything
+starts, with the dotted key and the value named. Every field carries a description: `explain_config(cfg)`
+(`clip-pipeline config show --explain`) lists every dotted key with its type, default and description.
 
     cfg = load_config("params.yaml", overrides=["train.batch_size=64"])
     cfg.train.batch_size  # 64
@@ -10,11 +12,14 @@ types and impossible values are refused before anything starts, with the dotted 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -68,30 +73,66 @@ class Section(BaseModel):
 class StorageConfig(Section):
     """Where objects live. Credentials never come from here: boto3's standard chain supplies them."""
 
-    endpoint_url: str | None = None  # S3-compatible endpoint; AWS_ENDPOINT_URL overrides when set
-    region: str | None = None
-    multipart_threshold_mb: PositiveInt = 64  # objects at least this big go up in parts
-    multipart_chunk_mb: PositiveInt = 16
-    max_attempts: PositiveInt = 8  # per request, on throttling, 5xx and connection errors
-    backoff_base_s: PositiveFloat = 0.2
-    max_concurrency: PositiveInt = 8  # parallel part / object uploads
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint URL (MinIO, Ceph, ...); AWS_ENDPOINT_URL overrides it when set; "
+                          "null: AWS S3")
+    region: str | None = Field(None, description="S3 region name passed to boto3; null: boto3's own default")
+    multipart_threshold_mb: PositiveInt = Field(64, description="objects at least this big (MiB) go up in parts")
+    multipart_chunk_mb: PositiveInt = Field(16, description="size (MiB) of each part of a multipart upload")
+    max_attempts: PositiveInt = Field(
+        8, description="attempts per S3 request, on throttling, 5xx and connection errors")
+    backoff_base_s: PositiveFloat = Field(
+        0.2, description="base delay (seconds) of the exponential backoff with jitter between attempts")
+    max_concurrency: PositiveInt = Field(8, description="parallel part / object uploads")
 
 
 class TrackingConfig(Section):
-    enabled: bool = True
-    uri: str = "sqlite:///mlflow.db"  # local SQLite store; an http(s):// server URI works too
-    artifact_location: str = "mlartifacts"  # only used when the experiment is created
-    experiment: str = "clip"
+    """MLflow tracking of runs (params, metrics, artifacts, data version)."""
+
+    enabled: bool = Field(True, description="log runs to MLflow; false: no tracking at all")
+    uri: str = Field(
+        "sqlite:///mlflow.db",
+        description="MLflow tracking URI: a local SQLite store; an http(s):// server URI works too")
+    artifact_location: str = Field(
+        "mlartifacts", description="artifact root of the experiment; only used when the experiment is created")
+    experiment: str = Field("clip", description="MLflow experiment name the runs are logged under")
 
 
 class ComputeConfig(Section):
-    device: Literal["auto", "cpu", "cuda"] = "cpu"
-    nproc_per_node: PositiveInt = 1
-    nnodes: PositiveInt = 1
-    rdzv_endpoint: HostPort = None  # host:port for multi-node c10d rendezvous
-    dask_scheduler: str | None = None  # address of an existing Dask cluster; None starts a local one
-    dask_workers: PositiveInt = 2
-    threads_per_worker: PositiveInt = 1
+    """Devices, processes and the Dask cluster the stages run on."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "cpu", description="training device: auto (CUDA when available, else CPU), cpu, or cuda (refused without one)")
+    nproc_per_node: PositiveInt = Field(
+        1, description="training processes per node (torchrun --nproc-per-node); more than one process in all "
+                    "makes the train stage launch torchrun")
+    nnodes: PositiveInt = Field(1, description="number of nodes of a training job (torchrun --nnodes)")
+    rdzv_endpoint: HostPort = Field(None, description="host:port of the c10d rendezvous for multi-node training")
+    node_rank: NonNegativeInt | None = Field(
+        None, description="this node's rank in a multi-node training job (torchrun --node-rank); null: assigned by "
+                          "the c10d rendezvous")
+    max_restarts: NonNegativeInt = Field(
+        0, description="torchrun --max-restarts: times the training workers are restarted after a failure (they "
+                       "resume from the newest checkpoint); more than 0 makes the train stage launch torchrun")
+    dask_scheduler: str | None = Field(
+        None, description="address of an existing Dask cluster; null starts a local one")
+    dask_workers: PositiveInt = Field(2, description="worker processes of the local Dask cluster")
+    threads_per_worker: PositiveInt = Field(1, description="threads per worker of the local Dask cluster")
+
+
+class DebugConfig(Section):
+    """Test and debug aids, read by every training rank. Leave them at their defaults in real runs."""
+
+    keys_log: str | None = Field(
+        None, description="test/debug aid: each training rank appends JSON lines to <keys_log>.rank<R>: "
+                          "{event: start, from_step, restart} at start and {step, keys} per trained step (the sample "
+                          "keys of its part of the global batch); null: off")
+    fault_nonfinite_steps: list[PositiveInt] = Field(
+        default_factory=list, description="test/debug aid: make the training loss NaN at these 1-based steps "
+                                          "(exercises the non-finite loss guard); []: off")
+    fault_step_delay_s: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="test/debug aid: sleep this many seconds after every training step (tests that kill a "
+                         "worker mid-run); 0: off")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,83 +142,116 @@ class ComputeConfig(Section):
 class TableSourceConfig(Section):
     """(url, caption) metadata tables: the form CC3M, CC12M, LAION and DataComp publish."""
 
-    paths: list[str] = Field(default_factory=list)  # files or globs; .parquet, .csv, .tsv, .jsonl
-    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
-    url_column: str = "url"
-    caption_column: str = "caption"
+    paths: list[str] = Field(
+        default_factory=list, description="metadata files or globs (local or s3://): .parquet, .csv, .tsv, .jsonl")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = Field(
+        "auto", description="file format; auto: from each file's extension")
+    url_column: str = Field("url", description="column holding the image URL")
+    caption_column: str = Field("caption", description="column holding the caption")
 
 
 class FolderSourceConfig(Section):
     """A folder of images with sidecar caption files (img.jpg + img.txt)."""
 
-    path: str | None = None
-    caption_extension: str = ".txt"
+    path: str | None = Field(None, description="the folder of images and captions; required for source: folder")
+    caption_extension: str = Field(".txt", description="extension of the caption file next to each image")
 
 
 class WebdatasetSourceConfig(Section):
-    urls: list[str] = Field(default_factory=list)  # tar paths, brace patterns or s3:// URLs
-    caption_key: str = "txt"
-    image_keys: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    """Existing webdataset tars of (image, caption) samples."""
+
+    urls: list[str] = Field(default_factory=list, description="tar paths, brace patterns or s3:// URLs")
+    caption_key: str = Field("txt", description="member extension of the caption in each sample")
+    image_keys: list[str] = Field(
+        default_factory=lambda: ["jpg", "jpeg", "png", "webp"],
+        description="member extensions tried, in order, for the image of each sample")
 
 
 class SyntheticSourceConfig(Section):
     """Built-in generator: deterministic scenes (shapes, colours, sizes, counts, positions, words)."""
 
-    num_samples: PositiveInt = 4096
-    image_size: PositiveInt = 64
-    heldout_fraction: Fraction = 0.2  # share of attribute combinations never shown in training
+    num_samples: PositiveInt = Field(4096, description="number of generated (image, caption) candidates")
+    image_size: PositiveInt = Field(64, description="side (pixels) of the generated square images")
+    heldout_fraction: Fraction = Field(
+        0.2, description="share of attribute combinations never shown in training (held out for evaluation)")
 
 
 class QueriesConfig(Section):
-    corpus_paths: list[str] = Field(default_factory=list)  # text files to mine words and bigrams from
-    extra_lists: list[str] = Field(default_factory=list)  # user lists (titles, synsets), one per line
-    min_word_count: PositiveInt = 100  # the paper kept words occurring at least 100 times
-    min_bigram_count: PositiveInt = 20
-    min_pmi: float = 3.0
-    max_queries: PositiveInt = 500_000
-    from_captions: bool = True  # when no corpus is given, mine the candidate captions themselves
+    """The query list captions are matched against (data/queries.txt), as in the CLIP paper."""
+
+    corpus_paths: list[str] = Field(default_factory=list, description="text files to mine words and bigrams from")
+    extra_lists: list[str] = Field(
+        default_factory=list, description="user query lists (titles, synsets), one query per line")
+    min_word_count: PositiveInt = Field(
+        100, description="a word becomes a query when it occurs at least this often (the paper's value: 100)")
+    min_bigram_count: PositiveInt = Field(20, description="a bigram is a candidate query when it occurs this often")
+    min_pmi: float = Field(3.0, description="minimum pointwise mutual information of a bigram kept as a query")
+    max_queries: PositiveInt = Field(500_000, description="at most this many mined queries, the most frequent kept")
+    from_captions: bool = Field(
+        True, description="when no corpus is given, mine the candidate captions themselves")
 
 
 class FetchConfig(Section):
-    threads: PositiveInt = 64
-    timeout_s: PositiveFloat = 10.0  # per request: DNS look-up, connect and read each
-    total_timeout_s: PositiveFloat | None = None  # whole exchange incl. body (slow-drip bound); None: 3 x timeout_s
-    retries: NonNegativeInt = 2
-    backoff_base_s: PositiveFloat = 0.5
-    max_retry_after_s: PositiveFloat = 30.0
-    max_bytes: PositiveInt = 20_000_000
-    user_agent: str = "clip-pipeline/0.1 (+https://github.com/clip-pipeline/clip-pipeline)"
-    respect_robots_txt: bool = False
-    respect_x_robots_tag: bool = True
-    allow_private_addresses: bool = False  # private, loopback, link-local, metadata: refused unless true
-    allow_loopback: bool = False
-    per_host_concurrency: PositiveInt = 8
-    per_host_rate: PositiveFloat = 50.0  # requests per second per host
-    dns_ttl_s: PositiveFloat = 300.0
-    max_redirects: NonNegativeInt = 5
+    """Downloading images: politeness, safety limits, and image validation and re-encoding."""
+
+    threads: PositiveInt = Field(64, description="concurrent download threads")
+    timeout_s: PositiveFloat = Field(
+        10.0, description="per request, in seconds: DNS look-up, connect and read each")
+    total_timeout_s: PositiveFloat | None = Field(
+        None, description="bound (seconds) on a whole exchange incl. the body (slow-drip bound); null: 3 x timeout_s")
+    retries: NonNegativeInt = Field(2, description="retries of a request that failed with a retryable error")
+    backoff_base_s: PositiveFloat = Field(
+        0.5, description="base delay (seconds) of the exponential backoff with jitter between retries")
+    max_retry_after_s: PositiveFloat = Field(
+        30.0, description="cap (seconds) on a server's Retry-After wait; longer waits are cut to it")
+    max_bytes: PositiveInt = Field(20_000_000, description="largest image body (bytes); reading stops past it")
+    user_agent: str = Field(
+        "clip-pipeline/0.1 (+https://github.com/clip-pipeline/clip-pipeline)",
+        description="User-Agent header sent with every request")
+    respect_robots_txt: bool = Field(False, description="fetch and obey each host's robots.txt")
+    respect_x_robots_tag: bool = Field(
+        True, description="skip images served with X-Robots-Tag noai / noimageai (read from the headers)")
+    allow_private_addresses: bool = Field(
+        False, description="private, loopback, link-local, metadata addresses: refused unless true")
+    allow_loopback: bool = Field(
+        False, description="let loopback addresses (127.0.0.0/8, ::1) only through; for local tests")
+    per_host_concurrency: PositiveInt = Field(8, description="concurrent requests to one host")
+    per_host_rate: PositiveFloat = Field(50.0, description="requests per second per host")
+    dns_ttl_s: PositiveFloat = Field(300.0, description="how long (seconds) a host's DNS answer is cached")
+    max_redirects: NonNegativeInt = Field(5, description="redirects followed per request, each hop checked again")
     # image validation and re-encoding
-    min_size: PositiveInt = 32
-    max_aspect_ratio: PositiveFloat = 3.0
-    max_pixels: PositiveInt = 89_478_485  # decompression-bomb limit (PIL's default)
-    max_side: PositiveInt = 256
-    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 90
-    retry_failed: bool = False  # on a rerun, try again candidates that failed with a retryable error
+    min_size: PositiveInt = Field(32, description="images with a side shorter than this (pixels) are rejected")
+    max_aspect_ratio: PositiveFloat = Field(
+        3.0, description="images whose long side exceeds this multiple of the short side are rejected")
+    max_pixels: PositiveInt = Field(
+        89_478_485, description="decompression-bomb limit: width x height above it is rejected (PIL's default)")
+    max_side: PositiveInt = Field(
+        256, description="stored images are shrunk so the longest side is at most this (pixels); never upscaled")
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = Field(90, description="JPEG quality of the re-encoded images")
+    retry_failed: bool = Field(
+        False, description="on a rerun, try again candidates that failed with a retryable error")
 
 
 class CollectConfig(Section):
-    source: Literal["synthetic", "table", "folder", "webdataset"] = "synthetic"
-    output_dir: Uri = "data/raw"
-    queries_path: str = "data/queries.txt"
-    per_query_cap: PositiveInt = 20_000  # K: at most this many pairs per query
-    samples_per_shard: PositiveInt = 1000
-    partition_size: PositiveInt = 10_000  # candidates per Dask partition
-    seed: int = 0
-    queries: QueriesConfig = Field(default_factory=QueriesConfig)
-    table: TableSourceConfig = Field(default_factory=TableSourceConfig)
-    folder: FolderSourceConfig = Field(default_factory=FolderSourceConfig)
-    webdataset: WebdatasetSourceConfig = Field(default_factory=WebdatasetSourceConfig)
-    synthetic: SyntheticSourceConfig = Field(default_factory=SyntheticSourceConfig)
-    fetch: FetchConfig = Field(default_factory=FetchConfig)
+    """collect: build queries, match and balance candidate pairs, fetch and validate images -> data/raw/."""
+
+    source: Literal["synthetic", "table", "folder", "webdataset"] = Field(
+        "synthetic", description="where candidate pairs come from (the matching sub-section configures it)")
+    output_dir: Uri = Field(
+        "data/raw", description="raw shards, candidates.parquet and stats (local path or s3://bucket/prefix)")
+    queries_path: str = Field("data/queries.txt", description="where the query list is written, one per line")
+    per_query_cap: PositiveInt = Field(20_000, description="K: at most this many pairs per query")
+    samples_per_shard: PositiveInt = Field(1000, description="samples per raw webdataset shard")
+    partition_size: PositiveInt = Field(10_000, description="candidates per Dask partition")
+    seed: int = Field(0, description="random seed of the synthetic generator and of the per-query balancing")
+    queries: QueriesConfig = Field(default_factory=QueriesConfig, description="the query list")
+    table: TableSourceConfig = Field(default_factory=TableSourceConfig, description="settings of source: table")
+    folder: FolderSourceConfig = Field(default_factory=FolderSourceConfig, description="settings of source: folder")
+    webdataset: WebdatasetSourceConfig = Field(
+        default_factory=WebdatasetSourceConfig, description="settings of source: webdataset")
+    synthetic: SyntheticSourceConfig = Field(
+        default_factory=SyntheticSourceConfig, description="settings of source: synthetic")
+    fetch: FetchConfig = Field(default_factory=FetchConfig, description="image downloading and validation")
 
     @model_validator(mode="after")
     def _source_has_input(self) -> CollectConfig:
@@ -195,29 +269,44 @@ class CollectConfig(Section):
 
 
 class DedupConfig(Section):
-    input_dir: Uri = "data/raw"
-    output_dir: str = "data/dedup"
-    near_dup_threshold: Annotated[int, Field(ge=0, le=32)] = 4  # max Hamming distance of 64-bit pHashes
-    exact_caption_image: bool = True
-    near_duplicates: bool = True
-    eval_dirs: list[str] = Field(default_factory=list)  # evaluation image folders to decontaminate against
-    decontaminate_synthetic: bool = True  # also the built-in synthetic evaluation sets
-    use_dask: bool = False  # partition the near-duplicate search over a Dask cluster (compute section)
-    report_examples: PositiveInt = 10
+    """dedup: remove exact and near duplicates and evaluation-set overlap -> data/dedup/."""
+
+    input_dir: Uri = Field("data/raw", description="the collect stage's output (local path or s3://bucket/prefix)")
+    output_dir: str = Field("data/dedup", description="keep-list, removed pairs with reasons, overlap report")
+    near_dup_threshold: Annotated[int, Field(ge=0, le=32)] = Field(
+        4, description="max Hamming distance of 64-bit pHashes for two images to be near duplicates")
+    exact_caption_image: bool = Field(
+        True, description="remove pairs with the same normalised caption and the same image bytes")
+    near_duplicates: bool = Field(True, description="remove near-duplicate images (pHash within near_dup_threshold)")
+    eval_dirs: list[str] = Field(
+        default_factory=list, description="evaluation image folders to decontaminate against")
+    decontaminate_synthetic: bool = Field(True, description="also the built-in synthetic evaluation sets")
+    use_dask: bool = Field(
+        False, description="partition the near-duplicate search over a Dask cluster (compute section)")
+    report_examples: PositiveInt = Field(
+        10, description="example matches listed per evaluation dataset in the overlap report")
     # pHash sees grey levels only: a pHash match also needs 8x8 RGB thumbnails within this largest absolute
     # difference (0-255) to count, so same-layout images in different colours are not merged; null: pHash alone.
-    color_tolerance: Annotated[float, Field(ge=0)] | None = 40.0
+    color_tolerance: Annotated[float, Field(ge=0)] | None = Field(
+        40.0, description="a pHash match also needs 8x8 RGB thumbnails within this largest absolute difference "
+                          "(0-255), so same-layout images in different colours are not merged; null: pHash alone")
 
 
 class ShardConfig(Section):
-    input_dir: Uri = "data/raw"
-    dedup_dir: str = "data/dedup"
-    output: Uri = "data/shards"  # local folder or s3://bucket/prefix: where the data version is published
-    staging_dir: str = "data/shards-staging"  # local tars are written here before upload when output is s3
-    samples_per_shard: PositiveInt = 1000
-    max_shard_bytes: PositiveInt = 256 * 1024 * 1024
-    seed: int = 0
-    upload_workers: PositiveInt = 8
+    """shard: write shuffled webdataset shards + manifest, publish to local disk or S3 -> data/shards/."""
+
+    input_dir: Uri = Field("data/raw", description="the collect stage's output (local path or s3://bucket/prefix)")
+    dedup_dir: str = Field("data/dedup", description="the dedup stage's output (its keep-list is applied)")
+    output: Uri = Field(
+        "data/shards", description="local folder or s3://bucket/prefix: where the data version is published")
+    staging_dir: str = Field(
+        "data/shards-staging", description="local tars are written here before upload when output is s3")
+    samples_per_shard: PositiveInt = Field(1000, description="samples per training shard")
+    max_shard_bytes: PositiveInt = Field(
+        256 * 1024 * 1024,
+        description="a shard is cut before it grows past this many bytes (a larger single sample gets a shard alone)")
+    seed: int = Field(0, description="seed of the shuffle of samples across shards")
+    upload_workers: PositiveInt = Field(8, description="parallel shard uploads when output is s3")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,10 +314,15 @@ class ShardConfig(Section):
 
 
 class TokenizerConfig(Section):
-    kind: Literal["train", "clip_bpe"] = "train"
-    vocab_size: Annotated[int, Field(ge=514)] = 4096  # for kind=train; 514 = 512 byte symbols + 2 specials
-    bpe_path: str | None = None  # CLIP's bpe_simple_vocab_16e6.txt.gz, for kind=clip_bpe
-    context_length: Annotated[int, Field(ge=4)] = 77
+    """The text tokenizer: a byte-level BPE trained on the captions, or OpenAI CLIP's BPE."""
+
+    kind: Literal["train", "clip_bpe"] = Field(
+        "train", description="train: a BPE trained on the collected captions; clip_bpe: OpenAI CLIP's (bpe_path)")
+    vocab_size: Annotated[int, Field(ge=514)] = Field(
+        4096, description="vocabulary size for kind=train; 514 = 512 byte symbols + 2 specials")
+    bpe_path: str | None = Field(None, description="CLIP's bpe_simple_vocab_16e6.txt.gz, for kind=clip_bpe")
+    context_length: Annotated[int, Field(ge=4)] = Field(
+        77, description="tokens per caption incl. start and end tokens; longer captions are truncated, end token kept")
 
     @model_validator(mode="after")
     def _bpe_needs_path(self) -> TokenizerConfig:
@@ -238,37 +332,54 @@ class TokenizerConfig(Section):
 
 
 class TrainConfig(Section):
-    model: str = "tiny-vit"
-    data: Uri = "data/shards"  # the shard stage's output (folder or s3:// prefix holding manifest.json)
-    output: Uri = "models/checkpoints"
-    batch_size: PositiveInt = 64  # global batch across all ranks
-    epochs: PositiveInt = 4
-    samples_per_epoch: PositiveInt | None = None  # fixed epoch size; required with resampled
-    resampled: bool = False  # sample shards with replacement (multi-node); else sequential epochs
-    lr: PositiveFloat = 1e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 0.2
-    beta1: Fraction = 0.9
-    beta2: Fraction = 0.98
-    eps: PositiveFloat = 1e-6
-    warmup_steps: NonNegativeInt = 20
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    compile: bool = False
-    grad_checkpointing: bool = False
-    fsdp: bool = False  # FSDP2 fully_shard; for the large configs
-    local_loss: bool = False
-    shuffle_buffer: NonNegativeInt = 1000  # samples per deterministic shuffle window of each data stream
-    num_workers: NonNegativeInt = 2  # data loader workers per rank
-    # Logical data streams (docs in clip/train/data.py); None: world_size * max(1, num_workers). Keep it
+    """train: contrastive training (torchrun, one CPU to many GPU nodes) -> models/checkpoints/."""
+
+    model: str = Field("tiny-vit", description="model preset name (clip.model list_models(), e.g. tiny-vit, ViT-B-32)")
+    data: Uri = Field(
+        "data/shards", description="the shard stage's output (folder or s3:// prefix holding manifest.json)")
+    output: Uri = Field(
+        "models/checkpoints", description="checkpoints, final.pt, tokenizer.json, metrics.json (path or s3://)")
+    batch_size: PositiveInt = Field(64, description="global batch across all ranks")
+    epochs: PositiveInt = Field(4, description="passes over the data (or over samples_per_epoch when set)")
+    samples_per_epoch: PositiveInt | None = Field(
+        None, description="fixed epoch size in samples; required with resampled; null: the data set's size")
+    resampled: bool = Field(
+        False, description="sample shards with replacement (multi-node); else sequential epochs")
+    lr: PositiveFloat = Field(1e-3, description="peak learning rate (AdamW), after warm-up, then cosine decay")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(
+        0.2, description="AdamW weight decay; gains, biases, embeddings and the logit scale are not decayed")
+    beta1: Fraction = Field(0.9, description="AdamW beta1")
+    beta2: Fraction = Field(0.98, description="AdamW beta2")
+    eps: PositiveFloat = Field(1e-6, description="AdamW epsilon")
+    warmup_steps: NonNegativeInt = Field(20, description="steps of linear learning-rate warm-up")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the model")
+    grad_checkpointing: bool = Field(
+        False, description="recompute activations in backward instead of storing them (less memory, more time)")
+    fsdp: bool = Field(False, description="FSDP2 fully_shard; for the large configs")
+    local_loss: bool = Field(
+        False, description="each rank computes only its own rows of the global logit matrix (less memory)")
+    shuffle_buffer: NonNegativeInt = Field(
+        1000, description="samples per deterministic shuffle window of each data stream")
+    num_workers: NonNegativeInt = Field(2, description="data loader workers per rank")
+    # Logical data streams (docs in clip/train/streams.py); None: world_size * max(1, num_workers). Keep it
     # fixed to resume on a different world size; batch_size must be a multiple, and it of the world size.
-    streams: PositiveInt | None = None
-    model_overrides: dict[str, Any] = Field(default_factory=dict)  # create_model(model, **overrides), e.g. image_size
-    gpu_decode: bool = False
-    checkpoint_every: PositiveInt = 100  # steps
-    keep_checkpoints: PositiveInt = 3
-    max_nonfinite_steps: PositiveInt = 5  # consecutive non-finite losses before the run stops
-    log_every: PositiveInt = 1  # steps between metric logs (MLflow writes are asynchronous)
-    seed: int = 0
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    streams: PositiveInt | None = Field(
+        None, description="logical data streams (clip/train/streams.py); null: world_size * max(1, num_workers). Keep "
+                          "it fixed to resume on a different world size; batch_size must be a multiple of it, and it "
+                          "of the world size")
+    model_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="create_model(model, **overrides), e.g. {image_size: 32}")
+    gpu_decode: bool = Field(False, description="decode JPEGs on the GPU (torchvision); CUDA runs only")
+    checkpoint_every: PositiveInt = Field(100, description="steps between checkpoints")
+    keep_checkpoints: PositiveInt = Field(3, description="newest step checkpoints kept; older ones are deleted")
+    max_nonfinite_steps: PositiveInt = Field(
+        5, description="consecutive non-finite losses before the run stops")
+    log_every: PositiveInt = Field(
+        1, description="steps between metric logs (MLflow writes are asynchronous)")
+    seed: int = Field(0, description="seed of model initialisation, shard order and shuffling")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="the text tokenizer")
 
     @model_validator(mode="after")
     def _resampled_needs_epoch_size(self) -> TrainConfig:
@@ -282,39 +393,52 @@ class TrainConfig(Section):
 
 
 class ExportConfig(Section):
-    checkpoint: Uri = "models/checkpoints"  # a checkpoint file or the train output folder (newest final)
-    output_dir: str = "models/bundle"
-    opset: Annotated[int, Field(ge=13)] = 17
-    atol: PositiveFloat = 1e-4
+    """export: ONNX encoders + tokenizer + preprocessing, checked against the checkpoint -> models/bundle/."""
+
+    checkpoint: Uri = Field(
+        "models/checkpoints", description="a checkpoint file or the train output folder (newest final)")
+    output_dir: str = Field("models/bundle", description="where the exported bundle is written")
+    opset: Annotated[int, Field(ge=13)] = Field(17, description="ONNX opset version")
+    atol: PositiveFloat = Field(
+        1e-4, description="largest absolute difference allowed between ONNX and PyTorch outputs")
 
 
 class EvaluateConfig(Section):
-    bundle: str = "models/bundle"
-    output_dir: str = "reports/eval"
-    data_root: str = "data/eval"  # real evaluation datasets, when present on disk
-    datasets: list[str] = Field(default_factory=lambda: ["synthetic"])
-    batch_size: PositiveInt = 256
-    linear_probe: bool = True
+    """evaluate: zero-shot and linear-probe evaluation -> reports/eval/."""
+
+    bundle: str = Field("models/bundle", description="the exported bundle to evaluate")
+    output_dir: str = Field("reports/eval", description="results table and plots")
+    data_root: str = Field("data/eval", description="real evaluation datasets, when present on disk")
+    datasets: list[str] = Field(default_factory=lambda: ["synthetic"], description="evaluation datasets to run")
+    batch_size: PositiveInt = Field(256, description="images per evaluation batch")
+    linear_probe: bool = Field(True, description="also fit and score linear probes on the image features")
 
 
 class PromoteConfig(Section):
-    model_name: str = "clip"
-    alias: str = "champion"
-    metric: str = "zeroshot_top1_mean"
-    min_improvement: float = 0.0
+    """promote: register the model in MLflow; move the champion alias only if it is better."""
+
+    model_name: str = Field("clip", description="MLflow registered model name")
+    alias: str = Field("champion", description="alias moved to the new version when it beats the current one")
+    metric: str = Field(
+        "zeroshot_top1_mean", description="evaluation metric compared between the new model and the alias holder")
+    min_improvement: float = Field(
+        0.0, description="the new model must beat the alias holder's metric by more than this")
 
 
 class PipelineConfig(Section):
-    collect: CollectConfig = Field(default_factory=CollectConfig)
-    dedup: DedupConfig = Field(default_factory=DedupConfig)
-    shard: ShardConfig = Field(default_factory=ShardConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    promote: PromoteConfig = Field(default_factory=PromoteConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    """The whole params.yaml: one section per stage plus the shared sections."""
+
+    collect: CollectConfig = Field(default_factory=CollectConfig, description=CollectConfig.__doc__)
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description=DedupConfig.__doc__)
+    shard: ShardConfig = Field(default_factory=ShardConfig, description=ShardConfig.__doc__)
+    train: TrainConfig = Field(default_factory=TrainConfig, description=TrainConfig.__doc__)
+    export: ExportConfig = Field(default_factory=ExportConfig, description=ExportConfig.__doc__)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description=EvaluateConfig.__doc__)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig, description=PromoteConfig.__doc__)
+    storage: StorageConfig = Field(default_factory=StorageConfig, description=StorageConfig.__doc__)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description=TrackingConfig.__doc__)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description=ComputeConfig.__doc__)
+    debug: DebugConfig = Field(default_factory=DebugConfig, description=DebugConfig.__doc__)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -393,3 +517,100 @@ def load_config(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] |
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# documentation: every key with its type, default and description (`clip-pipeline config show --explain`)
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def iter_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """Every field of `model` and of its nested sections, depth first: (dotted key, field info)."""
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        yield key, info
+        if _is_section(info.annotation):
+            yield from iter_fields(info.annotation, key + ".")
+
+
+def missing_descriptions(model: type[BaseModel] = PipelineConfig) -> list[str]:
+    """Dotted keys of the fields (nested sections included) that have no non-empty description."""
+    return [key for key, info in iter_fields(model) if not (info.description or "").strip()]
+
+
+_CONSTRAINTS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
+def _type_name(annotation: Any, metadata: Sequence[Any] = ()) -> str:
+    """A short human name of a field's type: `int > 0`, `'auto' | 'cpu'`, `str (path or s3:// URL) | null`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0], list(args[1:]))
+    if origin is Literal:
+        name = " | ".join(repr(a) for a in args)
+    elif origin in (Union, UnionType):
+        name = " | ".join(_type_name(a) for a in args)
+    elif annotation is type(None):
+        name = "null"
+    elif annotation is Any:
+        name = "any"
+    elif origin is not None:
+        name = f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    else:
+        name = getattr(annotation, "__name__", str(annotation))
+    bounds = []
+    for item in metadata:
+        for group in getattr(item, "metadata", None) or [item]:  # a nested Field(...) carries its own metadata
+            for attr, symbol in _CONSTRAINTS:
+                bound = getattr(group, attr, None)
+                if bound is not None:
+                    bounds.append(f"{symbol} {bound}")
+        func = getattr(item, "func", None)
+        if func is _check_uri:
+            name += " (path or s3:// URL)"
+        elif func is check_host_port:
+            name = "host:port | null"
+    return f"{name} {', '.join(bounds)}" if bounds else name
+
+
+def _render(value: Any) -> str:
+    """A value as it would be written after `--set key=` (YAML flow style)."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def explain_config(cfg: PipelineConfig | None = None) -> str:
+    """Every dotted key, nested sections included: type, default, the current value where it differs, description."""
+    cfg = cfg if cfg is not None else PipelineConfig()
+    lines: list[str] = []
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name, info in type(model).model_fields.items():
+            key, value = f"{prefix}{name}", getattr(model, name)
+            description = " ".join((info.description or "").split())
+            if _is_section(info.annotation):
+                lines.extend(["", f"{key}  [section]", f"    {description}"])
+                walk(value, key + ".")
+                continue
+            default = _plain(info.get_default(call_default_factory=True))
+            head = f"{key}  [{_type_name(info.annotation, info.metadata)}]  default: {_render(default)}"
+            if _plain(value) != default:
+                head += f"  current: {_render(_plain(value))}"
+            lines.extend([head, f"    {description}"])
+
+    walk(cfg, "")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _plain(value: Any) -> Any:
+    """Models, tuples and nested containers as plain YAML-able data."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

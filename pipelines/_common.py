@@ -1,20 +1,51 @@
-"""What every stage entry point shares: argument parsing into the typed config, metrics output."""
+"""What every stage entry point shares, so that `clip-pipeline <stage>` and `python -m pipelines.<stage>` behave alike.
+
+- `execute_stage(stage, cfg)`: imports `pipelines.<stage>`, runs it with the Rich progress display (or the given
+  progress sink) and writes its metrics to `reports/metrics/<stage>.json` (clip.formats.metrics). The CLI's
+  `run_stage` and `stage_main` both go through it; so can a flow.
+- The one error path, `exit_on_user_error(stage)`: bad input found while running (exceptions defined in `clip`,
+  and ValueError: a missing manifest, a stale keep-list, an unknown model, ...) is one line on stderr and exit
+  status 1; `CLIP_PIPELINE_DEBUG=1` re-raises it with its traceback. Any other exception keeps its traceback.
+- Config errors (`load_stage_config`): the message, exit status 2, nothing runs.
+- `stage_main(stage, run, argv)`: the body of every `pipelines/<stage>.py`'s `main`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
-from clip import storage
+from rich.console import Console
+from rich.text import Text
+
 from clip.config import DEFAULT_PARAMS, ConfigError, PipelineConfig, load_config
+from clip.formats.metrics import metrics_uri, write_metrics
+from clip.progress import Progress
+from clip.result import StageResult
+from pipelines._progress import rich_progress
+
+DEBUG_ENV = "CLIP_PIPELINE_DEBUG"
+StageRun = Callable[[PipelineConfig, Progress | None], StageResult]  # what `pipelines.<stage>.run` is
+
+console = Console(stderr=True)
+
+
+def load_stage_config(params: str, overrides: list[str]) -> PipelineConfig:
+    """The typed config from `params` plus `--set` overrides; a config error is printed and exits with 2."""
+    try:
+        return load_config(params, overrides)
+    except ConfigError as err:
+        console.print(Text.assemble(("error:", "red"), f" {err}"), soft_wrap=True, highlight=False)
+        raise SystemExit(2) from None
 
 
 def parse_stage_args(argv: list[str] | None, description: str) -> PipelineConfig:
+    """`--params` and `--set KEY=VALUE` (repeatable) -> the typed config (exit 2 on a config error)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
     parser.add_argument(
@@ -22,10 +53,7 @@ def parse_stage_args(argv: list[str] | None, description: str) -> PipelineConfig
         help="override one config value, e.g. --set train.batch_size=64 (repeatable)",
     )
     args = parser.parse_args(argv)
-    return load_config(args.params, args.overrides)
-
-
-DEBUG_ENV = "CLIP_PIPELINE_DEBUG"
+    return load_stage_config(args.params, args.overrides)
 
 
 def is_user_error(err: BaseException) -> bool:
@@ -33,24 +61,61 @@ def is_user_error(err: BaseException) -> bool:
     return isinstance(err, ValueError) or type(err).__module__.split(".")[0] == "clip"
 
 
-def stage_main(run: Callable[[PipelineConfig], dict[str, Any]], description: str, argv: list[str] | None = None) -> None:
-    """Entry point body of `python -m pipelines.<stage>`: config errors exit 2 with the message, nothing runs;
-    bad input found while running (a missing manifest, a mismatched checkpoint, ...) exits 1 with one line, and
-    `CLIP_PIPELINE_DEBUG=1` shows the traceback."""
+@contextmanager
+def exit_on_user_error(stage: str) -> Iterator[None]:
+    """The one error path of every entry point: bad input -> one line on stderr and exit status 1."""
     try:
-        cfg = parse_stage_args(argv, description)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
-        run(cfg)
+        yield
     except Exception as err:
+        # Bad input (missing manifest, unknown model, mismatched checkpoint, ...) gets one clear line, not a
+        # page of traceback; errors of other kinds, or any with CLIP_PIPELINE_DEBUG=1, keep their traceback.
         if not is_user_error(err) or os.environ.get(DEBUG_ENV):
             raise
-        print(f"error: {type(err).__name__}: {err}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        console.print(Text.assemble(("error:", "red"), f" {stage}: {type(err).__name__}: {err}"),
+                      soft_wrap=True, highlight=False)
+        console.print(f"(set {DEBUG_ENV}=1 for the traceback)", soft_wrap=True, highlight=False)
         raise SystemExit(1) from None
 
 
-def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
-    """Write a stage's metrics JSON atomically (a reader never sees half a file); a local path or s3:// URI."""
-    storage.write_bytes(str(path), (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+def execute_stage(stage: str, cfg: PipelineConfig, progress: Progress | None = None,
+                  run: StageRun | None = None) -> StageResult:
+    """Run one stage and write its metrics to `reports/metrics/<stage>.json`; returns its result.
+
+    `run`: the stage's `run(cfg, progress)`, by default `pipelines.<stage>.run`. `progress`: where progress goes;
+    None draws Rich bars on stderr. Errors propagate (wrap the call in `exit_on_user_error` for the CLI's).
+    """
+    if run is None:
+        run = importlib.import_module(f"pipelines.{stage}").run
+    with rich_progress(console) if progress is None else nullcontext(progress) as sink:
+        result = run(cfg, sink)
+    if is_rank_zero():  # the ranks of a torchrun job all return the same metrics: one writer
+        result.outputs["metrics"] = write_metrics(metrics_uri(stage), result.metrics, cfg.storage)
+    return result
+
+
+def is_rank_zero() -> bool:
+    """False inside a launched worker other than rank 0 (torchrun's RANK, or SLURM's task id under srun)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0
+
+
+def print_outputs(result: StageResult) -> None:
+    """One line per written artifact: `name: URI`."""
+    for name, uri in result.outputs.items():
+        console.print(f"  {name}: {uri}", soft_wrap=True, highlight=False, markup=False)
+
+
+def stage_main(stage: str, run: StageRun, argv: list[str] | None = None) -> None:
+    """The body of `python -m pipelines.<stage>`: parse `--params` / `--set`, run through `execute_stage`,
+    report errors through `exit_on_user_error`. The argument parser's description is the first line of the
+    stage module's docstring."""
+    if not callable(run):
+        raise TypeError(f"stage_main({stage!r}, run, argv): run must be the stage's run function")
+    module_doc = sys.modules[run.__module__].__doc__ if run.__module__ in sys.modules else None
+    cfg = parse_stage_args(argv, (module_doc or f"The {stage} stage.").strip().splitlines()[0])
+    start = time.monotonic()
+    with exit_on_user_error(stage):
+        result = execute_stage(stage, cfg, run=run)
+    if not is_rank_zero():
+        return
+    print_outputs(result)
+    console.print(f"{stage} done in {time.monotonic() - start:.1f} s", highlight=False)

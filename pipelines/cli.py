@@ -1,7 +1,7 @@
 """The `clip-pipeline` command: one entry point for every stage.
 
     clip-pipeline --help
-    clip-pipeline config show [--params params.yaml] [--set train.batch_size=64]
+    clip-pipeline config show [--params params.yaml] [--set train.batch_size=64] [--explain]
     clip-pipeline collect|dedup|shard|train|export|evaluate|promote [--params ...] [--set key=value ...]
     clip-pipeline train --nproc-per-node 8          # torchrun on this machine
     clip-pipeline all                               # every built stage in order (what `make pipeline` runs)
@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from clip.config import DEFAULT_PARAMS, ConfigError, PipelineConfig, dump_config, load_config
-from pipelines._common import DEBUG_ENV, is_user_error
+from clip.config import DEFAULT_PARAMS, PipelineConfig, dump_config, explain_config
+from clip.result import StageResult
+from pipelines._common import execute_stage, exit_on_user_error, load_stage_config, print_outputs
 
 STAGES = ["collect", "dedup", "shard", "train", "export", "evaluate", "promote"]
 STAGE_HELP = {
@@ -43,43 +43,41 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a valu
 
 
 def _load(params: str, overrides: list[str] | None) -> PipelineConfig:
-    try:
-        return load_config(params, overrides or [])
-    except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
-        raise typer.Exit(2) from None
+    """The typed config; a config error is printed and exits with status 2 (pipelines._common)."""
+    return load_stage_config(params, overrides or [])
 
 
 def stage_is_built(stage: str) -> bool:
     return importlib.util.find_spec(f"pipelines.{stage}") is not None
 
 
-def run_stage(stage: str, cfg: PipelineConfig, **launch_args: Any) -> dict:
-    """Run one stage in this process; `train` goes through its launcher (torchrun when several processes)."""
+def run_stage(stage: str, cfg: PipelineConfig) -> StageResult | None:
+    """Run one stage through `execute_stage` (metrics to reports/metrics/<stage>.json); None when the stage is
+    not built yet. Bad input exits with status 1 and one line (pipelines._common). `train` is no exception: it
+    launches torchrun itself when `compute` asks for several processes."""
     if not stage_is_built(stage):
         console.print(f"[yellow]stage '{stage}' is not built yet: skipped[/yellow]")
-        return {"skipped": True}
-    module = importlib.import_module(f"pipelines.{stage}")
+        return None
     console.rule(f"[bold]{stage}")
     start = time.monotonic()
-    try:
-        metrics = module.launch(cfg, **launch_args) if stage == "train" else module.run(cfg)
-    except Exception as err:
-        # Bad input (missing manifest, unknown model, mismatched checkpoint, ...) gets one clear line, not a
-        # page of traceback; errors of other kinds, or any with CLIP_PIPELINE_DEBUG=1, keep their traceback.
-        if not is_user_error(err) or os.environ.get(DEBUG_ENV):
-            raise
-        console.print(f"[red]error:[/red] {stage}: {type(err).__name__}: {err}", markup=True, highlight=False)
-        console.print(f"(set {DEBUG_ENV}=1 for the traceback)", highlight=False)
-        raise typer.Exit(1) from None
+    with exit_on_user_error(stage):
+        result = execute_stage(stage, cfg)
+    print_outputs(result)
     console.print(f"[green]{stage} done[/green] in {time.monotonic() - start:.1f} s")
-    return metrics
+    return result
 
 
 @config_app.command("show")
-def config_show(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
-    """Print the resolved configuration (params file + overrides + defaults) as YAML."""
-    typer.echo(dump_config(_load(params, set_)), nl=False)
+def config_show(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    set_: SetOpt = None,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="list every key with its type, default, current value (where it differs) and description",
+    )] = False,
+) -> None:
+    """Print the resolved configuration (params file + overrides + defaults) as YAML; --explain documents every key."""
+    cfg = _load(params, set_)
+    typer.echo(explain_config(cfg) if explain else dump_config(cfg), nl=False)
 
 
 def _make_stage_command(stage: str) -> None:
@@ -91,7 +89,7 @@ def _make_stage_command(stage: str) -> None:
 
 
 for _stage in STAGES:
-    if _stage != "train":
+    if _stage != "train":  # train has launcher options too
         _make_stage_command(_stage)
 
 
@@ -103,13 +101,16 @@ def train(
     nnodes: Annotated[int | None, typer.Option(min=1, help="number of nodes; default compute.nnodes")] = None,
     node_rank: Annotated[int | None, typer.Option(min=0, help="this node's rank (static rendezvous); c10d assigns it when unset")] = None,
     rdzv_endpoint: Annotated[str | None, typer.Option(help="host:port of the c10d rendezvous for multi-node runs")] = None,
-    max_restarts: Annotated[int, typer.Option(min=0, help="torchrun --max-restarts: workers restarted after a failure")] = 0,
+    max_restarts: Annotated[int | None, typer.Option(min=0, help="torchrun --max-restarts: workers restarted after a failure; default compute.max_restarts")] = None,
 ) -> None:
-    """Contrastive training (torchrun, one CPU to many GPU nodes) -> models/checkpoints/."""
-    run_stage(
-        "train", _load(params, set_), params=params, overrides=set_ or [], nproc_per_node=nproc_per_node,
-        nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts,
-    )
+    """Contrastive training (torchrun, one CPU to many GPU nodes) -> models/checkpoints/.
+
+    The launcher options are shorthands for the `compute` keys of the same names (`--nproc-per-node 8` is
+    `--set compute.nproc_per_node=8`), checked like every other key."""
+    launcher = {"nproc_per_node": nproc_per_node, "nnodes": nnodes, "node_rank": node_rank,
+                "rdzv_endpoint": rdzv_endpoint, "max_restarts": max_restarts}
+    overrides = list(set_ or []) + [f"compute.{key}={value}" for key, value in launcher.items() if value is not None]
+    run_stage("train", _load(params, overrides))
 
 
 @app.command("all")
@@ -120,7 +121,7 @@ def run_all(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
     if missing:
         console.print(f"[yellow]not built yet (will be skipped): {', '.join(missing)}[/yellow]")
     for stage in STAGES:
-        run_stage(stage, cfg, **({"params": params, "overrides": set_ or []} if stage == "train" else {}))
+        run_stage(stage, cfg)
     console.print("[bold green]pipeline finished[/bold green]")
 
 

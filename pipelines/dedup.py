@@ -1,33 +1,27 @@
 """Dedup stage: remove exact / near duplicates and evaluation-set overlap from the raw pool.
 
-    python -m pipelines.dedup [--params params.yaml] [--set dedup.near_dup_threshold=4]
+    clip-pipeline dedup [--params params.yaml] [--set dedup.near_dup_threshold=4]
+    python -m pipelines.dedup --set dedup.eval_dirs='[data/eval/imagenet]'
 
-Reads `dedup.input_dir` (raw shards), writes `keep.parquet`, `removed.parquet`, `overlap_report.json` and
-`metrics.json` under `dedup.output_dir` (docs/formats.md "Dedup output").
+Reads the raw shards in `dedup.input_dir`; writes keep.parquet, removed.parquet and overlap_report.json to
+`dedup.output_dir` (default data/dedup/, docs/formats.md "Dedup output"), metrics to reports/metrics/dedup.json.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from clip.config import PipelineConfig
-from clip.dedup import run_dedup
-from clip.dedup.progress import rich_progress
-from pipelines._common import stage_main, write_metrics
+from clip.dedup import stage
+from clip.progress import Progress
+from clip.result import StageResult
+from pipelines._common import stage_main
 
 
-def run(cfg: PipelineConfig) -> dict[str, Any]:
-    with rich_progress() as progress:
-        result = run_dedup(cfg.dedup, compute=cfg.compute, storage_cfg=cfg.storage,
-                           synthetic_image_size=cfg.collect.synthetic.image_size, progress=progress)
-    metrics = result.metrics
-    write_metrics(Path(cfg.dedup.output_dir) / "metrics.json", metrics)
-    return metrics
+def run(cfg: PipelineConfig, progress: Progress | None = None) -> StageResult:
+    return stage.run(cfg.dedup, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(run, "Remove duplicates and evaluation overlap from the raw pool -> data/dedup/.", argv)
+    stage_main("dedup", run, argv)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,28 @@
 """Shard stage: write the kept samples into shuffled webdataset shards and publish a data version.
 
-    python -m pipelines.shard [--params params.yaml] [--set shard.output=s3://bucket/shards]
+    clip-pipeline shard [--params params.yaml] [--set shard.output=s3://bucket/shards]
+    python -m pipelines.shard --set shard.samples_per_shard=5000
 
-Reads `shard.dedup_dir`/keep.parquet and the raw shards in `shard.input_dir`; writes `shard-NNNNN.tar`,
-`sizes.json` and `manifest.json` (last) to `shard.output` (local folder or s3://), see docs/formats.md.
-Metrics: `<output>/metrics.json` for a local output, `<staging_dir>/metrics.json` when the output is on S3.
+Reads `shard.dedup_dir`'s keep-list and the raw shards in `shard.input_dir`; writes shard-NNNNN.tar, sizes.json
+and manifest.json (last) to `shard.output`, a local folder or s3:// (docs/formats.md), metrics to
+reports/metrics/shard.json.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from clip import storage
 from clip.config import PipelineConfig
-from clip.dedup.progress import rich_progress
-from clip.shards import run_sharding
-from pipelines._common import stage_main, write_metrics
+from clip.progress import Progress
+from clip.result import StageResult
+from clip.shards import stage
+from pipelines._common import stage_main
 
 
-def metrics_path(cfg: PipelineConfig) -> Path:
-    folder = cfg.shard.staging_dir if storage.is_s3_uri(cfg.shard.output) else cfg.shard.output
-    return Path(folder) / "metrics.json"
-
-
-def run(cfg: PipelineConfig) -> dict[str, Any]:
-    with rich_progress() as progress:
-        metrics = run_sharding(cfg.shard, cfg.storage, progress=progress)
-    write_metrics(metrics_path(cfg), metrics)
-    return metrics
+def run(cfg: PipelineConfig, progress: Progress | None = None) -> StageResult:
+    return stage.run(cfg.shard, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(run, "Write shuffled webdataset shards + manifest and publish them -> data/shards/.", argv)
+    stage_main("shard", run, argv)
 
 
 if __name__ == "__main__":

@@ -1,110 +1,102 @@
 """Training stage: contrastive training of a CLIP model on the shard stage's output -> train.output.
 
     python -m pipelines.train [--params params.yaml] [--set train.batch_size=64]   # one process here
-    clip-pipeline train                                   # same; one process (in-process, no launcher)
-    clip-pipeline train --nproc-per-node 8                # torchrun --standalone on this machine
-    clip-pipeline train --nproc-per-node 8 --max-restarts 3   # restart the workers after a failure
+    python -m pipelines.train --set compute.nproc_per_node=8                      # torchrun --standalone here
+    python -m pipelines.train --set compute.nproc_per_node=8 --set compute.max_restarts=3  # restarts on failure
 
-Multi-node (run on every node; c10d rendezvous on host:port, node ranks assigned by the rendezvous):
+Multi-node (run on every node; c10d rendezvous on host:port, node ranks assigned by the rendezvous unless
+`compute.node_rank` pins them):
 
-    clip-pipeline train --nnodes 4 --nproc-per-node 8 --rdzv-endpoint head-node:29400
+    python -m pipelines.train --set compute.nnodes=4 --set compute.nproc_per_node=8 \\
+        --set compute.rdzv_endpoint=head-node:29400
 
-which runs `python -m torch.distributed.run --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d
---rdzv-endpoint head-node:29400 --rdzv-id clip-train -m pipelines.train --params P --set ...`.
-`--node-rank` pins a node's rank instead. SLURM: `srun --ntasks-per-node 8 python -m pipelines.train ...`
-(one task per GPU); the worker maps SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID / SLURM_NODELIST to
-RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR (clip/train/distributed.py).
+which writes the resolved config to a temporary params file and runs `python -m torch.distributed.run --nnodes 4
+--nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint head-node:29400 --rdzv-id clip-train --max-restarts 0
+-m pipelines.train --params <that file>`: every worker trains on exactly the config resolved here. SLURM:
+`srun --ntasks-per-node 8 python -m pipelines.train ...` (one task per GPU); the worker maps SLURM_PROCID /
+SLURM_STEP_NUM_TASKS / SLURM_LOCALID / SLURM_NODELIST to RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR
+(clip/train/distributed.py).
 
-`python -m pipelines.train` under a launcher (RANK/WORLD_SIZE or SLURM task variables set) is the worker;
-alone it is one process. Outputs (docs/formats.md): step-NNNNNNNN.pt, final.pt, tokenizer.json, metrics.json.
+Under a launcher (RANK / WORLD_SIZE or SLURM task variables set) this module is the worker; alone it trains in
+this process when one process is asked for (compute.nproc_per_node = compute.nnodes = 1, compute.max_restarts = 0)
+and launches torchrun otherwise. Outputs (docs/formats.md): step-NNNNNNNN.pt, final.pt, tokenizer.json,
+metrics.json in train.output; reports/metrics/train.json.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from typing import Any
+import tempfile
+from pathlib import Path
 
-from clip import storage
-from clip.config import PipelineConfig, check_host_port
+from clip.config import ComputeConfig, PipelineConfig, dump_config
+from clip.progress import Progress
+from clip.result import StageResult
+from clip.train import stage
+from clip.train.distributed import under_launcher
+from clip.train.report import load_result
 from pipelines._common import stage_main
 
-DESCRIPTION = "Contrastive training (torchrun, one CPU to many GPU nodes) -> models/checkpoints/."
+WORKER_MODULE = "pipelines.train"
 
 
-def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Train in this process (one rank of a launched job, or the whole job when alone)."""
-    from clip.train import train
+def run(cfg: PipelineConfig, progress: Progress | None = None) -> StageResult:
+    """Train: in this process (a launched worker, or the whole job when one process is asked for), or through
+    torchrun, waiting for it (its result is read back from train.output)."""
+    if under_launcher() or is_single_process(cfg.compute):
+        return stage.run(cfg.train, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking,
+                         progress=progress, debug=cfg.debug)
+    return launch_torchrun(cfg)
 
-    return train(cfg)
+
+def is_single_process(compute: ComputeConfig) -> bool:
+    """One process and nothing to restart: no launcher needed."""
+    return compute.nproc_per_node == 1 and compute.nnodes == 1 and compute.max_restarts == 0
 
 
-def torchrun_command(
-    params: str | None,
-    overrides: list[str],
-    nproc_per_node: int,
-    nnodes: int = 1,
-    node_rank: int | None = None,
-    rdzv_endpoint: str | None = None,
-    max_restarts: int = 0,
-    rdzv_id: str = "clip-train",
-) -> list[str]:
-    """The `python -m torch.distributed.run ... -m pipelines.train ...` command line for these settings."""
+def torchrun_command(params_file: str, compute: ComputeConfig, rdzv_id: str = "clip-train") -> list[str]:
+    """The `python -m torch.distributed.run ... -m pipelines.train --params <params_file>` command line for the
+    launcher settings of `compute` (nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts)."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
-    if nnodes == 1 and rdzv_endpoint is None:
+    if compute.nnodes == 1 and compute.rdzv_endpoint is None:
         cmd += ["--standalone"]
     else:
-        if rdzv_endpoint is None:
-            raise ValueError("a multi-node run needs --rdzv-endpoint host:port (or compute.rdzv_endpoint)")
-        try:
-            check_host_port(rdzv_endpoint)
-        except ValueError as err:
-            raise ValueError(f"--rdzv-endpoint {rdzv_endpoint!r}: {err}") from None
-        cmd += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
-                "--rdzv-id", rdzv_id]
-        if node_rank is not None:
-            cmd += ["--node-rank", str(node_rank)]
-    cmd += ["--nproc-per-node", str(nproc_per_node), "--max-restarts", str(max_restarts)]
-    cmd += ["-m", "pipelines.train"]
-    if params is not None:
-        cmd += ["--params", params]
-    for override in overrides:
-        cmd += ["--set", override]
-    return cmd
+        if compute.rdzv_endpoint is None:
+            raise ValueError("a multi-node run needs compute.rdzv_endpoint (host:port of the c10d rendezvous)")
+        cmd += ["--nnodes", str(compute.nnodes), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", compute.rdzv_endpoint, "--rdzv-id", rdzv_id]
+        if compute.node_rank is not None:
+            cmd += ["--node-rank", str(compute.node_rank)]
+    cmd += ["--nproc-per-node", str(compute.nproc_per_node), "--max-restarts", str(compute.max_restarts)]
+    return cmd + ["-m", WORKER_MODULE, "--params", params_file]
 
 
-def launch(
-    cfg: PipelineConfig,
-    params: str | None = None,
-    overrides: list[str] | None = None,
-    nproc_per_node: int | None = None,
-    nnodes: int | None = None,
-    node_rank: int | None = None,
-    rdzv_endpoint: str | None = None,
-    max_restarts: int = 0,
-) -> dict[str, Any]:
-    """One process and no restarts: train in-process. Otherwise run torchrun and wait for it.
+def write_worker_params(cfg: PipelineConfig, folder: str | Path) -> str:
+    """The resolved config as a params file in `folder`, for the workers to load exactly what was resolved here."""
+    path = Path(folder) / "params.yaml"
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    return str(path)
 
-    Returns the metrics (read back from train.output/metrics.json after a torchrun job)."""
-    nproc = nproc_per_node or cfg.compute.nproc_per_node
-    nodes = nnodes or cfg.compute.nnodes
-    endpoint = rdzv_endpoint or cfg.compute.rdzv_endpoint
-    if nproc == 1 and nodes == 1 and max_restarts == 0:
-        return run(cfg)
-    cmd = torchrun_command(params, list(overrides or []), nproc, nodes, node_rank, endpoint, max_restarts)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
-    result = subprocess.run(cmd, env=env, check=False)
-    if result.returncode != 0:
-        raise SystemExit(f"training failed: torchrun exited with status {result.returncode} ({' '.join(cmd)})")
-    uri = storage.join(cfg.train.output, "metrics.json")
-    return json.loads(storage.read_bytes(uri, cfg.storage)) if storage.exists(uri, cfg.storage) else {}
+
+def launch_torchrun(cfg: PipelineConfig) -> StageResult:
+    """Run the job under torchrun and wait for it; the result is the run's metrics.json (empty when this node
+    has no copy of train.output, e.g. a node other than rank 0's writing to a local folder)."""
+    nproc = cfg.compute.nproc_per_node
+    # The params file lives as long as torchrun: restarted workers read it again.
+    with tempfile.TemporaryDirectory(prefix="clip-train-") as folder:
+        cmd = torchrun_command(write_worker_params(cfg, folder), cfg.compute)
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
+        returncode = subprocess.run(cmd, env=env, check=False).returncode
+    if returncode != 0:
+        raise SystemExit(f"training failed: torchrun exited with status {returncode} ({' '.join(cmd)})")
+    return load_result(cfg.train.output, cfg.storage) or StageResult()
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(run, DESCRIPTION, argv)
+    stage_main("train", run, argv)
 
 
 if __name__ == "__main__":

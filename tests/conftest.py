@@ -107,26 +107,16 @@ def prefect_harness() -> Iterator[None]:
 
 @pytest.fixture
 def s3_faults(s3_server: str) -> Iterator[Any]:
-    """A fault-injecting HTTP proxy on 127.0.0.1 in front of the moto server (see tests/s3faults.py).
+    """A fault-injecting HTTP proxy on 127.0.0.1 in front of the moto server (see tests/support/s3faults.py).
 
     Yields a `FaultProxy`: `.endpoint` (URL to use as endpoint_url / AWS_ENDPOINT_URL),
     `.add(method="PUT", path_regex=r"partNumber=2", action="503"|"500"|"slowdown"|"429"|"403"|"drop"|
     "drop_mid_body"|"drop_response"|"truncate_response"|"corrupt", times=1, skip=0)`,
     `.count(method, path_regex)` (requests seen), `.pending()`, `.clear()`, `.reset_counts()`, `.requests`.
     """
-    import importlib.util
-    import sys
+    from tests.support.s3faults import FaultProxy
 
-    # Loaded by path so it works whatever pytest's import mode (tests/ is not a package).
-    s3faults = sys.modules.get("s3faults")
-    if s3faults is None:
-        spec = importlib.util.spec_from_file_location("s3faults", Path(__file__).with_name("s3faults.py"))
-        assert spec is not None and spec.loader is not None
-        s3faults = importlib.util.module_from_spec(spec)
-        sys.modules["s3faults"] = s3faults  # dataclasses look their module up here
-        spec.loader.exec_module(s3faults)
-
-    with s3faults.FaultProxy(s3_server) as proxy:
+    with FaultProxy(s3_server) as proxy:
         yield proxy
 
 

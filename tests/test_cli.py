@@ -43,7 +43,8 @@ def test_bad_config_is_refused_before_anything_starts(tmp_path: Path) -> None:
 
 def test_stage_module_entry_point_refuses_bad_config(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "from pipelines._common import stage_main; stage_main(lambda cfg: None, 'x')",
+        [sys.executable, "-c",
+         "from pipelines._common import stage_main; stage_main('x', lambda cfg, progress=None: None)",
          "--set", "train.batch_size=-3"],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )
@@ -55,7 +56,7 @@ def test_stage_input_errors_are_one_clear_line(tmp_path: Path) -> None:
     result = run_cli("train", "--set", f"train.data={tmp_path / 'none'}", "--set", "tracking.enabled=false",
                      "--set", f"train.output={tmp_path / 'out'}", cwd=tmp_path)
     assert result.returncode == 1
-    assert "error: train: DataError: no shard manifest at" in " ".join(result.stderr.split())
+    assert "error: train: MissingInputError: no shard manifest at" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
@@ -74,3 +75,18 @@ def test_stage_module_gives_one_line_for_missing_input(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "keep.parquet" in result.stderr and "dedup" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_and_stage_module_share_one_error_path(tmp_path: Path) -> None:
+    """`clip-pipeline shard` and `python -m pipelines.shard` report the same bad input with the same line."""
+    params = str(REPO / "params.yaml")
+    via_cli = run_cli("shard", "--params", params, cwd=tmp_path)
+    via_module = subprocess.run([sys.executable, "-m", "pipelines.shard", "--params", params],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    errors = []
+    for result in (via_cli, via_module):
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        errors.append([line for line in result.stderr.splitlines() if line.startswith("error:")])
+    assert errors[0] == errors[1] and len(errors[0]) == 1
+    assert errors[0][0].startswith("error: shard: MissingInputError:") and "keep.parquet" in errors[0][0]
+    assert not (tmp_path / "reports").exists()  # a failed stage writes no metrics

@@ -1,4 +1,4 @@
-"""The collect stage's HTTP fetcher against a real HTTP server on 127.0.0.1 (tests/webserver.py).
+"""The collect stage's HTTP fetcher against a real HTTP server on 127.0.0.1 (tests/support/webserver.py).
 
 Loopback only: addresses outside 127.0.0.0/8 appear solely as inputs to the pure SSRF guard or as answers of an
 injected resolver, and a patched socket opener fails the test if anything but loopback is ever connected to.
@@ -17,16 +17,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clip.collect import fetch as fetch_module
-from clip.collect.fetch import Fetcher, FetchResult, latency_summary, opt_out_in_headers, parse_retry_after
-from clip.collect.netguard import address_verdict
-from clip.collect.resolver import ResolveError, Resolver, system_lookup
+from clip.collect.fetch import Fetcher, FetchResult
+from clip.collect.net import connections as connections_module
+from clip.collect.net.headers import opt_out_in_headers, parse_retry_after
+from clip.collect.net.latency import latency_summary
+from clip.collect.net.netguard import address_verdict
+from clip.collect.net.resolver import ResolveError, Resolver, system_lookup
 from clip.config import FetchConfig
-
-try:  # tests/ is a plain folder (pytest puts it on sys.path) unless someone makes it a package
-    from webserver import ImageServer, Reply, make_image, make_pixel_bomb, self_signed_tls
-except ImportError:  # pragma: no cover
-    from tests.webserver import ImageServer, Reply, make_image, make_pixel_bomb, self_signed_tls
+from tests.support.webserver import ImageServer, Reply, make_image, make_pixel_bomb, self_signed_tls
 
 pytestmark = pytest.mark.timeout(60)  # every request is bounded: a hang fails instead of stalling the suite
 
@@ -60,7 +58,7 @@ def make_cfg(**overrides: object) -> FetchConfig:
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every address the fetcher connects to; anything outside loopback fails the test before connecting."""
     connected: list[str] = []
-    real_open = fetch_module._open_socket
+    real_open = connections_module._open_socket
 
     def guarded_open(address: str, port: int, timeout: float):  # noqa: ANN202
         if not (address.startswith("127.") or address == "::1"):
@@ -68,7 +66,7 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         connected.append(address)
         return real_open(address, port, timeout)
 
-    monkeypatch.setattr(fetch_module, "_open_socket", guarded_open)
+    monkeypatch.setattr(connections_module, "_open_socket", guarded_open)
     return connected
 
 

@@ -16,7 +16,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from clip.collect import synthetic
+from clip import synthetic
 from clip.collect.sources import (
     FolderSource,
     SourceError,

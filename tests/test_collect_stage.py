@@ -15,9 +15,10 @@ from PIL import Image
 
 import clip.collect.stage as stage
 from clip.collect.matching import QueryMatcher
-from clip.collect.stage import run_collect
-from clip.config import CollectConfig, ComputeConfig
+from clip.config import CollectConfig, ComputeConfig, StorageConfig
+from clip.formats.raw import SYNTHETIC_IMAGE_SIZE_FIELD
 from clip.imagehash import hamming, hex_to_int, phash64
+from clip.progress import Progress, RecordingProgress
 
 JSON_FIELDS = {"key", "url", "caption", "query", "source", "width", "height", "sha256", "phash"}
 
@@ -31,8 +32,15 @@ def _cfg(tmp_path: Path, **overrides: object) -> CollectConfig:
     return CollectConfig.model_validate(data)
 
 
-def _run(cfg: CollectConfig, **kwargs: object) -> dict:
-    return run_collect(cfg, ComputeConfig(), None, show_progress=False, **kwargs)
+def _run(cfg: CollectConfig, compute: ComputeConfig | None = None, progress: Progress | None = None) -> dict:
+    """The stage's stats (what stats.json holds)."""
+    return stage.run(cfg, storage=StorageConfig(), compute=compute or ComputeConfig(), progress=progress).stats
+
+
+def _force_dask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Put even a small pool on Dask: every map step is worth a cluster (with more than one worker)."""
+    monkeypatch.setattr(stage, "MIN_PARTITIONS_FOR_CLUSTER", 1)
+    monkeypatch.setattr(stage, "MIN_SHARDS_FOR_CLUSTER", 1)
 
 
 def _read_shards(raw: Path) -> list[dict]:
@@ -42,7 +50,9 @@ def _read_shards(raw: Path) -> list[dict]:
 
 def test_synthetic_stage_end_to_end(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
-    stats = _run(cfg)
+    progress = RecordingProgress()
+    stats = _run(cfg, progress=progress)
+    assert progress.last == {"collect: shards": (3, 3, "samples ok 300, not ok 0")}
     raw = tmp_path / "raw"
     assert sorted(p.name for p in raw.glob("raw-*.tar")) == ["raw-00000.tar", "raw-00001.tar", "raw-00002.tar"]
     assert not list(raw.glob(".*"))  # no temporary files left
@@ -71,7 +81,8 @@ def test_synthetic_stage_end_to_end(tmp_path: Path) -> None:
     counts = json.loads((raw / "query_counts.json").read_text())["counts"]
     assert sum(c["assigned"] for c in counts.values()) == 300
     assert stats["by_status"] == {"ok": 300, "failed": 0, "filtered": 0, "skipped": 0}
-    assert json.loads((raw / "stats.json").read_text())["shards"] == 3
+    on_disk = json.loads((raw / "stats.json").read_text())
+    assert on_disk["shards"] == 3 and on_disk[SYNTHETIC_IMAGE_SIZE_FIELD] == 48  # what dedup renders its eval sets at
 
 
 def test_per_query_cap_skips_and_keys_are_contiguous(tmp_path: Path) -> None:
@@ -101,8 +112,11 @@ def test_restart_rebuilds_only_missing_shards(tmp_path: Path) -> None:
     (raw / "raw-00001.tar").unlink()  # lost shard
     (raw / "records" / "raw-00002.json").unlink()  # tar renamed but its record never written
     (raw / ".raw-00002.tar.partial").write_bytes(b"half a tar")  # left over by a killed writer
-    stats = _run(cfg)
+    progress = RecordingProgress()
+    stats = _run(cfg, progress=progress)
     assert stats["shards_built"] == 2 and stats["shards_reused"] == 1 and stats["partials_removed"] == 1
+    # The reused shard counts as done from the start: the run ends on the whole pool's totals.
+    assert progress.last["collect: shards"] == (3, 3, "samples ok 300, not ok 0") and progress.calls == 3
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in raw.glob("raw-*.tar")}
     assert after["raw-00000.tar"] == before["raw-00000.tar"]  # untouched
     for name in ("raw-00001.tar", "raw-00002.tar"):
@@ -165,24 +179,22 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_dask_run_equals_in_process_run(tmp_path: Path) -> None:
+def test_dask_run_equals_in_process_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     local = _cfg(tmp_path / "a", partition_size=120)
     distributed = _cfg(tmp_path / "b", partition_size=120)
-    _run(local, use_dask=False)
-    stats = run_collect(distributed, ComputeConfig(dask_workers=2), None, use_dask=True, show_progress=False)
+    assert not _run(local, ComputeConfig(dask_workers=1))["used_dask"]  # one worker: never a cluster
+    _force_dask(monkeypatch)
+    stats = _run(distributed, ComputeConfig(dask_workers=2))
     assert stats["used_dask"]
     for name in ("raw-00000.tar", "raw-00001.tar", "raw-00002.tar", "candidates.parquet", "query_counts.json"):
         assert (tmp_path / "a" / "raw" / name).read_bytes() == (tmp_path / "b" / "raw" / name).read_bytes(), name
 
 
-def test_per_host_limit_holds_across_dask_worker_processes(tmp_path: Path) -> None:
+def test_per_host_limit_holds_across_dask_worker_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each worker process has its own Fetcher; the stage shares the per-host limit out among them."""
     import pyarrow as pa
 
-    try:
-        from webserver import ImageServer
-    except ImportError:  # pragma: no cover - run from the repository root
-        from tests.webserver import ImageServer
+    from tests.support.webserver import ImageServer
 
     with ImageServer(request_delay_s=0.05) as server:
         rows = [{"url": server.url(f"/img/100x80/{i % 5}.jpg?n={i}"), "caption": f"a dog {i}"} for i in range(400)]
@@ -192,7 +204,8 @@ def test_per_host_limit_holds_across_dask_worker_processes(tmp_path: Path) -> No
                    queries={"from_captions": False, "extra_lists": [str(_write(tmp_path / "q.txt", "dog\n"))]},
                    fetch={"allow_loopback": True, "per_host_concurrency": 4, "per_host_rate": 1000.0,
                           "threads": 16})
-        stats = run_collect(cfg, ComputeConfig(dask_workers=2), None, use_dask=True, show_progress=False)
+        _force_dask(monkeypatch)
+        stats = _run(cfg, ComputeConfig(dask_workers=2))
         assert stats["used_dask"] and stats["by_status"]["ok"] == 400
         assert server.stats.max_active_by_host[f"127.0.0.1:{server.port}"] <= 4, server.stats.max_active_by_host
         assert server.stats.max_active >= 2  # requests overlapped, so the limit had something to hold back
@@ -203,7 +216,7 @@ def test_pipeline_module_writes_metrics(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.chdir(tmp_path)
     collect.main(["--set", "collect.synthetic.num_samples=64", "--set", "collect.samples_per_shard=50"])
-    metrics = json.loads((tmp_path / "data" / "raw" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "reports" / "metrics" / "collect.json").read_text())
     assert metrics["collect_ok"] == 64 and metrics["collect_shards"] == 2
     assert (tmp_path / "data" / "queries.txt").exists()
 

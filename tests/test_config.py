@@ -5,8 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import Field
+from typer.testing import CliRunner
 
-from clip.config import ConfigError, PipelineConfig, dump_config, load_config
+from clip.config import (
+    ConfigError,
+    PipelineConfig,
+    Section,
+    dump_config,
+    explain_config,
+    iter_fields,
+    load_config,
+    missing_descriptions,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,3 +115,65 @@ def test_file_refusals_name_key(tmp_path: Path) -> None:
 def test_malformed_overrides(override: str) -> None:
     with pytest.raises(ConfigError):
         load_config(None, [override])
+
+
+# ------------------------------------------------------------------------------------------------------
+# descriptions and `config show --explain`
+
+
+def test_every_field_of_every_section_has_a_description() -> None:
+    keys = [key for key, _ in iter_fields(PipelineConfig)]
+    # the walker reaches nested sections and the debug section
+    assert {"collect.fetch.timeout_s", "train.tokenizer.vocab_size", "debug.keys_log", "compute"} <= set(keys)
+    assert len(keys) > 150
+    assert missing_descriptions(PipelineConfig) == []
+
+
+def test_the_description_walker_catches_a_field_without_one() -> None:
+    class Inner(Section):
+        documented: int = Field(1, description="has one")
+        bare: int = 2
+
+    class Outer(Section):
+        inner: Inner = Field(default_factory=Inner, description="a nested section")
+        blank: str = Field("x", description="  ")
+        undocumented_section: Inner = Field(default_factory=Inner)
+
+    assert missing_descriptions(Outer) == ["inner.bare", "blank", "undocumented_section",
+                                           "undocumented_section.bare"]
+
+
+def test_explain_lists_every_key_with_type_default_current_value_and_description() -> None:
+    text = explain_config(load_config(None, ["collect.fetch.timeout_s=5", "debug.fault_nonfinite_steps=[2, 3]"]))
+    lines = text.splitlines()
+    heads = {line.split("  ", 1)[0]: (line, lines[i + 1]) for i, line in enumerate(lines) if line and line[0] != " "}
+    assert set(heads) == {key for key, _ in iter_fields(PipelineConfig)}  # every key, sections included
+    head, description = heads["collect.fetch.timeout_s"]
+    assert head == "collect.fetch.timeout_s  [float > 0]  default: 10.0  current: 5.0"
+    assert "per request" in description and "DNS" in description
+    head, description = heads["train.batch_size"]
+    assert head == "train.batch_size  [int > 0]  default: 64"  # equal to the default: no current value shown
+    assert "global batch" in description
+    head, _ = heads["compute.device"]
+    assert head == "compute.device  ['auto' | 'cpu' | 'cuda']  default: cpu"
+    head, _ = heads["shard.output"]
+    assert head == "shard.output  [str (path or s3:// URL)]  default: data/shards"
+    head, description = heads["debug.fault_nonfinite_steps"]
+    assert head == "debug.fault_nonfinite_steps  [list[int > 0]]  default: []  current: [2, 3]"
+    assert "test/debug aid" in description
+    head, _ = heads["dedup.color_tolerance"]
+    assert head == "dedup.color_tolerance  [float >= 0 | null]  default: 40.0"
+    assert heads["collect.fetch"][0] == "collect.fetch  [section]"
+
+
+def test_config_show_explain_command(tmp_path: Path) -> None:
+    from pipelines.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  epochs: 9\n")
+    result = CliRunner().invoke(app, ["config", "show", "--explain", "--params", str(params),
+                                      "--set", "debug.keys_log=/tmp/keys"])
+    assert result.exit_code == 0, result.output
+    assert "train.epochs  [int > 0]  default: 4  current: 9\n" in result.output
+    assert "debug.keys_log  [str | null]  default: null  current: /tmp/keys\n" in result.output
+    assert "collect.fetch.timeout_s  [float > 0]  default: 10.0\n    per request" in result.output

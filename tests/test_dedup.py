@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from test_dedup_support import cropped, random_scene, reencode, resized, sample_record, write_raw_shards
 
-from clip.config import DedupConfig, config_from_dict
+from clip.config import ComputeConfig, DedupConfig, StorageConfig, config_from_dict
 from clip.dedup import (
+    DedupResult,
     band_layout,
     brute_force_pairs,
     cluster_labels,
@@ -21,10 +21,21 @@ from clip.dedup import (
     find_near_pairs,
     find_near_pairs_dask,
     normalize_caption,
-    run_dedup,
+    stage,
 )
 from clip.dedup.neardup import find_pairs_in_partition, unique_pairs
+from clip.formats.errors import FormatError
+from clip.formats.raw import STATS_NAME, SYNTHETIC_IMAGE_SIZE_FIELD, pool_synthetic_image_size
 from clip.imagehash import hamming, phash64
+from clip.progress import Progress, RecordingProgress
+from tests.support.images import cropped, random_scene, reencode, resized
+from tests.support.shards import sample_record, write_raw_shards
+
+
+def run_dedup(cfg: DedupConfig, compute: ComputeConfig | None = None,
+              progress: Progress | None = None) -> DedupResult:
+    """The dedup stage's entry point with default storage and compute sections."""
+    return stage.run(cfg, storage=StorageConfig(), compute=compute or ComputeConfig(), progress=progress)
 
 
 def planted_hashes(rng: np.random.Generator, n: int, threshold: int, clumpy: bool = False) -> np.ndarray:
@@ -166,7 +177,8 @@ def test_planted_duplicates_recall_precision(tmp_path: Path) -> None:
     raw, truth = build_planted_pool(tmp_path)
     cfg = DedupConfig(input_dir=str(raw), output_dir=str(tmp_path / "dedup"), near_dup_threshold=4,
                       decontaminate_synthetic=False)
-    result = run_dedup(cfg)
+    progress = RecordingProgress()
+    result = run_dedup(cfg, progress=progress)
     removed = pq.read_table(tmp_path / "dedup" / "removed.parquet").to_pylist()
     kept = pq.read_table(tmp_path / "dedup" / "keep.parquet").to_pylist()
     assert len(removed) + len(kept) == truth["num_samples"]
@@ -193,6 +205,9 @@ def test_planted_duplicates_recall_precision(tmp_path: Path) -> None:
     upscaled = [g for g in truth["groups"] if g[0] > g[1]]  # kind 4: bigger copy has the larger key
     assert upscaled and all(g[0] not in actual_removed for g in upscaled)
     assert result.metrics["kept"] == len(kept)
+    assert result.outputs["keep"] == str(tmp_path / "dedup" / "keep.parquet")
+    raw_shards = result.metrics["raw_shards"]
+    assert raw_shards > 1 and progress.last["reading raw shards"][:2] == (raw_shards, raw_shards)
 
 
 def test_crop_robustness_is_measured() -> None:
@@ -211,7 +226,7 @@ def test_dedup_with_dask_matches_local(tmp_path: Path) -> None:
     from dask.distributed import Client, LocalCluster
 
     from clip.dedup import deduplicate
-    from clip.dedup.raw import read_pool_metadata
+    from clip.dedup.pool import read_pool_metadata
 
     raw, _ = build_planted_pool(tmp_path, num_scenes=24, seed=3)
     pool = read_pool_metadata(str(raw))
@@ -269,11 +284,11 @@ def test_decontamination_removes_eval_copies(tmp_path: Path) -> None:
 def test_synthetic_decontamination_skips_or_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from clip.dedup import deduplicate
     from clip.dedup.decontam import synthetic_eval_sets
-    from clip.dedup.raw import read_pool_metadata
+    from clip.dedup.pool import read_pool_metadata
 
     sets = synthetic_eval_sets(image_size=48, num_images=30)
     try:
-        from clip.collect.synthetic import EVAL_SET_NAMES, generate_eval_set
+        from clip.synthetic import EVAL_SET_NAMES, generate_eval_set
     except ImportError:
         assert sets == [] and "synthetic evaluation sets unavailable" in caplog.text
         return
@@ -292,15 +307,17 @@ def test_synthetic_decontamination_skips_or_runs(tmp_path: Path, caplog: pytest.
     assert result.overlap_report[name]["matched"] >= 2
 
 
-def test_pipeline_entry_point_writes_metrics(tmp_path: Path) -> None:
-    from pipelines import dedup as stage
+def test_pipeline_entry_point_writes_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines._common import execute_stage
 
     raw, truth = build_planted_pool(tmp_path, num_scenes=16, seed=9)
     cfg = config_from_dict({"dedup": {"input_dir": str(raw), "output_dir": str(tmp_path / "out"),
                                       "decontaminate_synthetic": False}})
-    metrics = stage.run(cfg)
-    on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert on_disk["input_samples"] == truth["num_samples"] == metrics["input_samples"]
+    monkeypatch.chdir(tmp_path)
+    result = execute_stage("dedup", cfg, progress=RecordingProgress())
+    on_disk = json.loads((tmp_path / "reports" / "metrics" / "dedup.json").read_text())
+    assert result.outputs["metrics"] == "reports/metrics/dedup.json"
+    assert on_disk["input_samples"] == truth["num_samples"] == result.metrics["input_samples"]
     assert on_disk["kept"] + on_disk["removed"] == truth["num_samples"]
     assert sum(on_disk["removed_by_reason"].values()) == on_disk["removed"]
 
@@ -355,8 +372,6 @@ def test_color_check_keeps_same_layout_in_other_colours(tmp_path: Path) -> None:
 
 def test_run_dedup_on_a_local_dask_cluster(tmp_path: Path) -> None:
     """use_dask with no scheduler address starts a local cluster from the compute section (worker processes)."""
-    from clip.config import ComputeConfig
-
     raw, _ = build_planted_pool(tmp_path, num_scenes=16, seed=5)
     base = {"input_dir": str(raw), "decontaminate_synthetic": False}
     local = run_dedup(DedupConfig(**base, output_dir=str(tmp_path / "a")))
@@ -364,3 +379,23 @@ def test_run_dedup_on_a_local_dask_cluster(tmp_path: Path) -> None:
                             compute=ComputeConfig(dask_workers=1, threads_per_worker=1))
     assert distributed.reason == local.reason and distributed.metrics["use_dask"]
     assert (tmp_path / "a" / "removed.parquet").read_bytes() == (tmp_path / "b" / "removed.parquet").read_bytes()
+
+
+def test_synthetic_image_size_comes_from_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dedup renders the synthetic evaluation sets at the size collect recorded in the pool's stats.json (it
+    never sees collect's config); a pool without stats.json gets the generator's default, 64."""
+    import clip.dedup.dedup as dedup_passes
+
+    rng = np.random.default_rng(4)
+    samples = [(f"{i:09d}", sample_record(f"{i:09d}", random_scene(rng), f"t{i}")) for i in range(6)]
+    write_raw_shards(tmp_path / "raw", samples, per_shard=3)
+    sizes_rendered: list[int] = []
+    monkeypatch.setattr(dedup_passes, "synthetic_eval_sets", lambda image_size: sizes_rendered.append(image_size) or [])
+    cfg = DedupConfig(input_dir=str(tmp_path / "raw"), output_dir=str(tmp_path / "dedup"))
+    run_dedup(cfg)
+    (tmp_path / "raw" / STATS_NAME).write_text(json.dumps({"shards": 2, SYNTHETIC_IMAGE_SIZE_FIELD: 48}))
+    run_dedup(cfg)
+    assert sizes_rendered == [64, 48]
+    (tmp_path / "raw" / STATS_NAME).write_text(json.dumps({SYNTHETIC_IMAGE_SIZE_FIELD: "big"}))
+    with pytest.raises(FormatError, match=SYNTHETIC_IMAGE_SIZE_FIELD):
+        pool_synthetic_image_size(str(tmp_path / "raw"))

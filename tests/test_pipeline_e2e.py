@@ -43,12 +43,18 @@ def test_pipeline_all_on_the_embedded_default(tmp_path: Path) -> None:
     raw_stats = json.loads((tmp_path / "data/raw/stats.json").read_text())
     assert raw_stats["by_status"]["ok"] == 384
 
+    # Every stage's metrics land in one place (docs/formats.md "Stage metrics").
+    metrics = {stage: json.loads((tmp_path / f"reports/metrics/{stage}.json").read_text())
+               for stage in ("collect", "dedup", "shard")}
+    assert metrics["collect"]["collect_ok"] == 384
+
     keep = pd.read_parquet(tmp_path / "data/dedup/keep.parquet")
     removed = pd.read_parquet(tmp_path / "data/dedup/removed.parquet")
     assert len(keep) + len(removed) == 384 and len(keep) > 300
 
     manifest = json.loads((tmp_path / "data/shards/manifest.json").read_text())
     assert manifest["total_samples"] == len(keep)
+    assert metrics["dedup"]["kept"] == len(keep) and metrics["shard"]["data_version"] == manifest["data_version"]
     shard_keys = set()
     for shard in manifest["shards"]:
         with tarfile.open(tmp_path / "data/shards" / shard["name"]) as tar:
@@ -68,7 +74,7 @@ def test_pipeline_all_on_the_embedded_default(tmp_path: Path) -> None:
     model = create_model_from_config(final["model_config"])
     model.load_state_dict(final["model"], strict=True)
     tokenizer = Tokenizer.from_json(final["tokenizer"])
-    text = model.encode_text(tokenizer(["a red circle"]))
+    text = model.encode_text(tokenizer(["a red circle"]), normalize=True)
     assert text.shape == (1, final["model_config"]["embed_dim"])
     assert torch.allclose(text.norm(dim=-1), torch.ones(1), atol=1e-5)
 

@@ -13,15 +13,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from test_dedup_support import random_scene, sample_record, write_keep, write_raw_shards, write_unique_pool
 
-from clip.config import DedupConfig, ShardConfig, config_from_dict
-from clip.dedup import run_dedup
-from clip.dedup.raw import StaleInputError
-from clip.shards import DeterministicTarWriter, data_version, run_sharding
+from clip.config import ComputeConfig, DedupConfig, ShardConfig, StorageConfig, config_from_dict
+from clip.dedup import stage as dedup_stage
+from clip.formats.errors import StaleInputError
+from clip.formats.manifest import data_version
+from clip.formats.tar import DeterministicTarWriter
+from clip.progress import Progress, RecordingProgress
+from clip.shards import stage
+from tests.support.images import random_scene
+from tests.support.shards import sample_record, write_keep, write_raw_shards, write_unique_pool
 
 NUM_SAMPLES = 90
 RAW_PER_SHARD = 20
+
+
+def run_shard(cfg: ShardConfig, progress: Progress | None = None) -> stage.ShardResult:
+    """The shard stage's entry point with default storage and compute sections."""
+    return stage.run(cfg, storage=StorageConfig(), compute=ComputeConfig(), progress=progress)
+
+
+def run_dedup(cfg: DedupConfig) -> dedup_stage.DedupResult:
+    return dedup_stage.run(cfg, storage=StorageConfig(), compute=ComputeConfig())
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +78,13 @@ def check_published(out: Path) -> dict:
 def test_round_trip_with_webdataset_reader(raw_pool, tmp_path: Path) -> None:
     root, samples, keep = raw_pool
     out = tmp_path / "shards"
-    metrics = run_sharding(shard_cfg(root, out))
+    progress = RecordingProgress()
+    result = run_shard(shard_cfg(root, out), progress)
     manifest = check_published(out)
-    assert metrics["data_version"] == manifest["data_version"]
+    assert result.metrics["data_version"] == result.data_version == manifest["data_version"]
+    assert result.total_samples == len(keep) and result.outputs["manifest"] == str(out / "manifest.json")
+    shards = len(manifest["shards"])
+    assert progress.last["writing shards"][:2] == progress.last["publishing shards"][:2] == (shards, shards)
     urls = [str(out / s["name"]) for s in manifest["shards"]]
     seen = []
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
@@ -87,7 +104,7 @@ def test_round_trip_with_webdataset_reader(raw_pool, tmp_path: Path) -> None:
 def test_shard_size_limits(raw_pool, tmp_path: Path) -> None:
     root, _, keep = raw_pool
     out = tmp_path / "shards"
-    run_sharding(shard_cfg(root, out, samples_per_shard=9, max_shard_bytes=30_000))
+    run_shard(shard_cfg(root, out, samples_per_shard=9, max_shard_bytes=30_000))
     manifest = check_published(out)
     counts = [s["samples"] for s in manifest["shards"]]
     assert all(c <= 9 for c in counts) and sum(counts) == len(keep)
@@ -95,16 +112,16 @@ def test_shard_size_limits(raw_pool, tmp_path: Path) -> None:
     assert any(c < 9 for c in counts[:-1])  # the byte limit cut some shards before the count limit
     # Count limit alone: all shards full but the last.
     out2 = tmp_path / "by-count"
-    run_sharding(shard_cfg(root, out2, samples_per_shard=10, max_shard_bytes=10**9))
+    run_shard(shard_cfg(root, out2, samples_per_shard=10, max_shard_bytes=10**9))
     counts2 = [s["samples"] for s in check_published(out2)["shards"]]
     assert counts2[:-1] == [10] * (len(counts2) - 1)
 
 
 def test_rerun_is_byte_identical_and_seed_changes_version(raw_pool, tmp_path: Path) -> None:
     root, _, _ = raw_pool
-    first = run_sharding(shard_cfg(root, tmp_path / "a"))
-    second = run_sharding(shard_cfg(root, tmp_path / "b"))
-    again = run_sharding(shard_cfg(root, tmp_path / "a"))  # same folder again
+    first = run_shard(shard_cfg(root, tmp_path / "a")).metrics
+    second = run_shard(shard_cfg(root, tmp_path / "b")).metrics
+    again = run_shard(shard_cfg(root, tmp_path / "a")).metrics  # same folder again
     assert first["data_version"] == second["data_version"] == again["data_version"]
     for tar in (tmp_path / "a").glob("shard-*.tar"):
         assert tar.read_bytes() == (tmp_path / "b" / tar.name).read_bytes()
@@ -112,16 +129,16 @@ def test_rerun_is_byte_identical_and_seed_changes_version(raw_pool, tmp_path: Pa
             for member in archive.getmembers():
                 assert (member.mtime, member.uid, member.gid, member.uname, member.gname, member.mode) == \
                     (0, 0, 0, "", "", 0o644)
-    other = run_sharding(shard_cfg(root, tmp_path / "c", seed=1))
+    other = run_shard(shard_cfg(root, tmp_path / "c", seed=1)).metrics
     assert other["data_version"] != first["data_version"]
 
 
 def test_republish_replaces_version_and_removes_stale_shards(raw_pool, tmp_path: Path) -> None:
     root, _, keep = raw_pool
     out = tmp_path / "shards"
-    run_sharding(shard_cfg(root, out, samples_per_shard=5))
+    run_shard(shard_cfg(root, out, samples_per_shard=5))
     many = len(list(out.glob("shard-*.tar")))
-    metrics = run_sharding(shard_cfg(root, out, samples_per_shard=40, max_shard_bytes=10**9, seed=3))
+    metrics = run_shard(shard_cfg(root, out, samples_per_shard=40, max_shard_bytes=10**9, seed=3)).metrics
     manifest = check_published(out)  # no stale shard-*.tar left beside the new manifest
     assert len(manifest["shards"]) < many and metrics["removed_stale"] == many - len(manifest["shards"])
     assert manifest["total_samples"] == len(keep)
@@ -146,18 +163,19 @@ def test_tar_writer_matches_tarfile_reading(tmp_path: Path) -> None:
 
 def test_missing_keep_table_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="keep.parquet"):
-        run_sharding(ShardConfig(input_dir=str(tmp_path), dedup_dir=str(tmp_path / "nope"),
-                                 output=str(tmp_path / "out")))
+        run_shard(ShardConfig(input_dir=str(tmp_path), dedup_dir=str(tmp_path / "nope"),
+                              output=str(tmp_path / "out")))
 
 
-def test_pipeline_entry_point(raw_pool, tmp_path: Path) -> None:
-    from pipelines import shard as stage
+def test_pipeline_entry_point(raw_pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines._common import execute_stage
 
     root, _, keep = raw_pool
     cfg = config_from_dict({"shard": shard_cfg(root, tmp_path / "out").model_dump()})
-    metrics = stage.run(cfg)
-    on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert on_disk["total_samples"] == len(keep) == metrics["total_samples"]
+    monkeypatch.chdir(tmp_path)
+    result = execute_stage("shard", cfg, progress=RecordingProgress())
+    on_disk = json.loads((tmp_path / "reports" / "metrics" / "shard.json").read_text())
+    assert on_disk["total_samples"] == len(keep) == result.metrics["total_samples"]
     assert on_disk["data_version"] == check_published(tmp_path / "out")["data_version"]
 
 
@@ -190,7 +208,7 @@ def test_stale_keep_list_is_refused_before_writing(tmp_path: Path) -> None:
     cfg = ShardConfig(input_dir=str(raw), dedup_dir=str(tmp_path / "dedup"), output=str(out),
                       staging_dir=str(tmp_path / "staging"), samples_per_shard=10)
     with pytest.raises(StaleInputError, match=STALE_ADVICE) as refused:
-        run_sharding(cfg)
+        run_shard(cfg)
     message = str(refused.value)
     assert str(tmp_path / "dedup" / "keep.parquet") in message and str(raw) in message
     assert "rerun `clip-pipeline dedup`" in message
@@ -198,7 +216,7 @@ def test_stale_keep_list_is_refused_before_writing(tmp_path: Path) -> None:
     assert_nothing_published(out)
 
     run_dedup(dedup_cfg)  # the advice works: dedup on pool B, then shard publishes B's images
-    metrics = run_sharding(cfg)
+    metrics = run_shard(cfg).metrics
     manifest = check_published(out)
     assert metrics["total_samples"] == manifest["total_samples"] == keep_table.num_rows
     urls = [str(out / s["name"]) for s in manifest["shards"]]
@@ -221,7 +239,7 @@ def test_partly_changed_pool_names_exactly_the_changed_keys(tmp_path: Path) -> N
         written.replace(tmp_path / "raw" / name)
     out = tmp_path / "shards"
     with pytest.raises(StaleInputError, match=STALE_ADVICE) as refused:
-        run_sharding(shard_cfg(tmp_path, out))
+        run_shard(shard_cfg(tmp_path, out))
     message = str(refused.value)
     assert "2 of 20 kept samples differ" in message
     assert "000000004 (not in raw shard raw-00000.tar)" in message
@@ -239,6 +257,6 @@ def test_keep_list_without_sha256_is_refused(raw_pool, tmp_path: Path) -> None:
     pq.write_table(pa.table({"key": keys, "shard": [keep[k] for k in keys]}), legacy / "dedup" / "keep.parquet")
     out = tmp_path / "shards"
     with pytest.raises(StaleInputError, match=STALE_ADVICE) as refused:
-        run_sharding(shard_cfg(legacy, out))
+        run_shard(shard_cfg(legacy, out))
     assert "rerun `clip-pipeline dedup`" in str(refused.value) and "sha256" in str(refused.value)
     assert_nothing_published(out)

@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from test_dedup_support import write_keep, write_unique_pool
 
 from clip import storage
-from clip.config import ShardConfig, StorageConfig
-from clip.shards import PublishError, data_version, run_sharding
+from clip.config import ComputeConfig, ShardConfig, StorageConfig
+from clip.formats.manifest import data_version
+from clip.shards import PublishError, stage
+from tests.support.shards import write_keep, write_unique_pool
 
 
 @pytest.fixture
@@ -20,6 +21,11 @@ def pool(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     keep = {key: f"raw-{i // 10:05d}.tar" for i, key in enumerate(sorted(samples))}
     write_keep(tmp_path / "dedup", keep, samples)
     return tmp_path, keep
+
+
+def run_shard(cfg: ShardConfig, storage_cfg: StorageConfig | None = None) -> stage.ShardResult:
+    """The shard stage's entry point (default storage section unless given)."""
+    return stage.run(cfg, storage=storage_cfg or StorageConfig(), compute=ComputeConfig())
 
 
 def cfg_for(root: Path, bucket: str) -> ShardConfig:
@@ -56,7 +62,7 @@ def test_publish_survives_5xx_and_dropped_connections(s3_faulty_bucket, pool) ->
     proxy.add(method="PUT", path_regex=r"/data/shards/shard-00002\.tar", action="drop_mid_body", times=1)
     proxy.add(method="PUT", path_regex=r"/data/shards/shard-00003\.tar", action="500", times=1)
     proxy.add(method="PUT", path_regex=r"/data/shards/manifest\.json", action="drop", times=1)
-    metrics = run_sharding(cfg_for(root, bucket), storage_cfg)
+    metrics = run_shard(cfg_for(root, bucket), storage_cfg).metrics
     assert proxy.pending() == 0  # every fault fired
     manifest = check_remote(f"s3://{bucket}/data/shards", storage_cfg)
     assert manifest["total_samples"] == len(keep) == metrics["total_samples"]
@@ -72,7 +78,7 @@ def test_failed_publish_leaves_no_manifest_and_rerun_sends_only_missing(s3_fault
     # shard-00002 fails every attempt: retries are exhausted and the run must fail without a manifest.
     proxy.add(method="PUT", path_regex=r"/data/shards/shard-00002\.tar", action="503", times=100)
     with pytest.raises(PublishError, match="shard-00002"):
-        run_sharding(cfg_for(root, bucket), storage_cfg)
+        run_shard(cfg_for(root, bucket), storage_cfg)
     store = storage.get_storage(prefix, storage_cfg)
     assert not store.exists(storage.join(prefix, "manifest.json"))
     present = sorted(o.uri.rsplit("/", 1)[-1] for o in store.list(prefix))
@@ -81,7 +87,7 @@ def test_failed_publish_leaves_no_manifest_and_rerun_sends_only_missing(s3_fault
 
     proxy.clear()
     proxy.reset_counts()
-    metrics = run_sharding(cfg_for(root, bucket), storage_cfg)
+    metrics = run_shard(cfg_for(root, bucket), storage_cfg).metrics
     # Only the missing shard was sent again; the others were checked (HEAD) and skipped.
     assert shard_puts(proxy, "shard-00002.tar") == 1
     assert all(shard_puts(proxy, f"shard-{i:05d}.tar") == 0 for i in range(num_shards) if i != 2)
@@ -91,7 +97,7 @@ def test_failed_publish_leaves_no_manifest_and_rerun_sends_only_missing(s3_fault
 
     # A third run on the same input is a no-op upload with the same data version.
     proxy.reset_counts()
-    again = run_sharding(cfg_for(root, bucket), storage_cfg)
+    again = run_shard(cfg_for(root, bucket), storage_cfg).metrics
     assert again["data_version"] == metrics["data_version"] and again["uploaded"] == 0
     assert proxy.count("PUT", r"/data/shards/shard-") == 0
 
@@ -101,24 +107,25 @@ def test_new_version_hides_old_manifest_before_shards_change(s3_faulty_bucket, p
     root, _ = pool
     prefix = f"s3://{bucket}/data/shards"
     storage_cfg = StorageConfig(max_attempts=2, backoff_base_s=0.01)
-    run_sharding(cfg_for(root, bucket), storage_cfg)
+    run_shard(cfg_for(root, bucket), storage_cfg)
     # A different seed rewrites every shard; make its upload fail after the old manifest was withdrawn.
     proxy.add(method="PUT", path_regex=r"/data/shards/shard-00000\.tar", action="503", times=100)
     cfg = cfg_for(root, bucket)
     cfg.seed = 7
     with pytest.raises(PublishError):
-        run_sharding(cfg, storage_cfg)
+        run_shard(cfg, storage_cfg)
     store = storage.get_storage(prefix, storage_cfg)
     assert not store.exists(storage.join(prefix, "manifest.json"))  # never names a shard that changed
     proxy.clear()
-    metrics = run_sharding(cfg, storage_cfg)
+    metrics = run_shard(cfg, storage_cfg).metrics
     assert check_remote(prefix, storage_cfg)["data_version"] == metrics["data_version"]
 
 
 def test_large_shard_goes_up_in_parts_through_faults(s3_faulty_bucket, tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
-    from test_dedup_support import sample_record, write_raw_shards
+
+    from tests.support.shards import sample_record, write_raw_shards
 
     bucket, proxy = s3_faulty_bucket
     rng = np.random.default_rng(0)
@@ -131,7 +138,7 @@ def test_large_shard_goes_up_in_parts_through_faults(s3_faulty_bucket, tmp_path:
     storage_cfg = StorageConfig(max_attempts=4, backoff_base_s=0.01, multipart_threshold_mb=1)
     proxy.add(method="PUT", path_regex=r"shard-00000\.tar\?.*partNumber=1", action="drop_mid_body", times=1)
     proxy.add(method="POST", path_regex=r"shard-00000\.tar\?uploadId=", action="503", times=1)
-    metrics = run_sharding(cfg_for(tmp_path, bucket), storage_cfg)
+    metrics = run_shard(cfg_for(tmp_path, bucket), storage_cfg).metrics
     assert metrics["bytes"] > 1024 * 1024 and proxy.pending() == 0
     assert proxy.count("PUT", r"shard-00000\.tar\?.*partNumber=1") == 2
     check_remote(f"s3://{bucket}/data/shards", storage_cfg)
@@ -140,19 +147,19 @@ def test_large_shard_goes_up_in_parts_through_faults(s3_faulty_bucket, tmp_path:
 def test_dedup_and_shard_read_raw_shards_from_s3(s3_bucket: str, tmp_path: Path) -> None:
     """The whole dedup -> shard path with the raw pool, and the output, on S3."""
     from clip.config import DedupConfig
-    from clip.dedup import run_dedup
+    from clip.dedup import stage as dedup_stage
 
     samples = write_unique_pool(tmp_path / "raw", 24, 8, seed=4)
     raw_prefix = f"s3://{s3_bucket}/data/raw"
     for path in sorted((tmp_path / "raw").glob("raw-*.tar")):
         storage.upload_file(path, storage.join(raw_prefix, path.name))
-    result = run_dedup(DedupConfig(input_dir=raw_prefix, output_dir=str(tmp_path / "dedup"),
-                                   decontaminate_synthetic=False))
+    result = dedup_stage.run(DedupConfig(input_dir=raw_prefix, output_dir=str(tmp_path / "dedup"),
+                                         decontaminate_synthetic=False), storage=StorageConfig(), compute=ComputeConfig())
     assert result.metrics["input_samples"] == 24 and result.metrics["raw_shards"] == 3
     cfg = ShardConfig(input_dir=raw_prefix, dedup_dir=str(tmp_path / "dedup"),
                       output=f"s3://{s3_bucket}/data/shards", staging_dir=str(tmp_path / "staging"),
                       samples_per_shard=10)
-    metrics = run_sharding(cfg)
+    metrics = run_shard(cfg).metrics
     manifest = check_remote(f"s3://{s3_bucket}/data/shards", StorageConfig())
     assert manifest["total_samples"] == result.metrics["kept"] == metrics["total_samples"]
     assert result.metrics["kept"] <= len(samples)

@@ -64,6 +64,23 @@ def test_parse_and_join() -> None:
     assert storage.join("/abs/dir", "/sub", "f") == "/abs/dir/sub/f"
 
 
+def test_basename_of_local_paths_and_s3_uris(tmp_path: Path) -> None:
+    assert storage.basename("s3://bucket/data/shards/shard-00000.tar") == "shard-00000.tar"
+    assert storage.basename("s3://bucket/data/shards/") == "shards"  # trailing slashes do not count
+    assert storage.basename("s3://bucket") == storage.basename("s3://bucket/") == "bucket"
+    assert storage.basename("data/shards/manifest.json") == "manifest.json"
+    assert storage.basename("data/shards/") == "shards"
+    assert storage.basename(tmp_path / "sub" / "f.bin") == "f.bin"
+    assert storage.basename("file:///abs/dir/f.bin") == "f.bin"
+    # the inverse of join for the last part, on both kinds of location
+    for base in ("s3://bucket/x", str(tmp_path)):
+        assert storage.basename(storage.join(base, "sub", "name.tar")) == "name.tar"
+    with pytest.raises(StorageError, match="no bucket"):
+        storage.basename("s3:///key")
+    with pytest.raises(StorageError, match="scheme"):
+        storage.basename("gs://bucket/x")
+
+
 def test_backoff_grows_with_jitter_within_bounds() -> None:
     for attempt in range(1, 12):
         ceiling = min(20.0, 0.2 * 2 ** (attempt - 1))
@@ -127,7 +144,7 @@ def test_local_failed_write_keeps_old_content_and_leaves_no_temp(tmp_path: Path,
     def no_space(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(storage.os, "fsync", no_space)
+    monkeypatch.setattr(os, "fsync", no_space)  # the local backend fsyncs before its rename
     with pytest.raises(StorageError, match="file.json"):
         storage.write_bytes(str(target), b"new content that never lands")
     assert target.read_bytes() == b"old"
@@ -139,8 +156,37 @@ def test_local_failed_write_keeps_old_content_and_leaves_no_temp(tmp_path: Path,
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.json"]
 
 
+def test_write_stream_is_atomic_locally(tmp_path: Path) -> None:
+    target = tmp_path / "d" / "big.bin"
+    assert storage.write_stream(str(target), lambda handle: handle.write(b"x" * 3000)) == 3000
+    assert target.read_bytes() == b"x" * 3000
+
+    def half_then_fail(handle) -> None:
+        handle.write(b"partial")
+        raise RuntimeError("source failed mid-stream")
+
+    with pytest.raises(RuntimeError, match="mid-stream"):
+        storage.write_stream(str(target), half_then_fail)
+    assert target.read_bytes() == b"x" * 3000  # the old object, whole
+    assert sorted(p.name for p in target.parent.iterdir()) == ["big.bin"]  # no temporary left
+
+
 # ----------------------------------------------------------------------------------------------------------
 # S3 (moto over HTTP)
+
+
+def test_write_stream_to_s3_spools_and_cleans_up(s3_bucket: str, tmp_path: Path) -> None:
+    uri = f"s3://{s3_bucket}/streamed/obj.bin"
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    assert storage.write_stream(uri, lambda handle: handle.write(b"y" * 5000), spool_dir=spool) == 5000
+    assert storage.read_bytes(uri) == b"y" * 5000
+    with pytest.raises(RuntimeError):
+        storage.write_stream(f"s3://{s3_bucket}/streamed/never.bin",
+                             lambda handle: (handle.write(b"z"), (_ for _ in ()).throw(RuntimeError("boom"))),
+                             spool_dir=spool)
+    assert not storage.exists(f"s3://{s3_bucket}/streamed/never.bin")
+    assert list(spool.iterdir()) == []  # spooled copies removed, on success and on failure
 
 
 def test_s3_round_trip(s3_bucket: str, s3_server: str, tmp_path: Path) -> None:

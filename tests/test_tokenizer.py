@@ -278,6 +278,25 @@ def test_json_file_and_pickle_round_trips(which: str, trained: Tokenizer, clip_t
         assert other.eot_token_id == tok.eot_token_id and other.sot_token_id == tok.sot_token_id
 
 
+def test_save_and_load_through_s3(trained: Tokenizer, s3_bucket: str) -> None:
+    """save/load go through clip.storage: an s3:// URI works like a path (moto server, AWS_ENDPOINT_URL set)."""
+    import hashlib
+
+    from clip import storage
+
+    uri = f"s3://{s3_bucket}/models/checkpoints/tokenizer.json"
+    trained.save(uri)
+    stored = storage.read_bytes(uri)
+    assert stored == trained.to_json().encode("utf-8")
+    assert storage.sha256(uri) == hashlib.sha256(stored).hexdigest()  # written by clip.storage (checksum metadata)
+    loaded = Tokenizer.load(uri)
+    assert loaded.to_json() == trained.to_json()
+    texts = ["a red circle above two tiny squares", "Zebra! 東京 🐶"]
+    assert torch.equal(loaded(texts), trained(texts))
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.load(f"s3://{s3_bucket}/models/missing.json")
+
+
 def test_random_mixed_script_captions_equal_open_clip(clip_tok: Tokenizer, reference) -> None:
     """1000 seeded random captions over many scripts, entities, emoji, whitespace and contractions.
 

@@ -8,33 +8,30 @@ from __future__ import annotations
 import io
 import json
 import math
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_train_support import make_samples, make_shards, tiny_overrides, write_manifest, write_tar  # noqa: E402
-
-from clip.config import load_config  # noqa: E402
-from clip.train.data import (  # noqa: E402
-    RawStream,
-    StreamPlan,
-    StreamStats,
-    iter_tar_samples,
-    open_uri,
-    read_manifest,
-    shuffled_stream,
-)
-from clip.train.distributed import first_slurm_host, slurm_env, under_launcher  # noqa: E402
-from clip.train.loop import NonFiniteLossError, WarmupCosine, plan_schedule  # noqa: E402
+from clip.config import ComputeConfig, ConfigError, PipelineConfig, load_config
+from clip.formats.tar import iter_tar_samples
+from clip.train import stage
+from clip.train.distributed import first_slurm_host, slurm_env, under_launcher
+from clip.train.schedule import WarmupCosine, plan_schedule
+from clip.train.step import NonFiniteLossError
+from clip.train.streams import RawStream, StreamPlan, StreamStats, open_uri, read_manifest, shuffled_stream
+from tests.support.shards import make_samples, make_shards, write_manifest, write_tar
+from tests.support.train_config import tiny_overrides
 
 
-def _cfg(data: Path, out: Path, **extra: object):
+def _cfg(data: Path, out: Path, **extra: object) -> PipelineConfig:
     return load_config(None, tiny_overrides(str(data), str(out), **extra))
+
+
+def train(cfg: PipelineConfig) -> stage.TrainResult:
+    """The library call (what every rank runs), given the config's sections."""
+    return stage.run(cfg.train, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking, debug=cfg.debug)
 
 
 def _keys_by_step(log_base: Path, ranks: int = 1) -> dict[int, list[str]]:
@@ -144,8 +141,6 @@ def test_newest_checkpoint_is_chosen_by_step_not_by_name(tmp_path: Path) -> None
 
 def test_unknown_model_is_refused_before_any_work(tmp_path: Path) -> None:
     from clip.model import ModelConfigError
-    from clip.train import train
-
     make_shards(tmp_path / "shards", n=32, per_shard=32)
     with pytest.raises(ModelConfigError, match="unknown model config 'ViT-Z-99'; known: .*tiny-vit"):
         train(_cfg(tmp_path / "shards", tmp_path / "out", **{"train.model": "ViT-Z-99"}))
@@ -153,10 +148,8 @@ def test_unknown_model_is_refused_before_any_work(tmp_path: Path) -> None:
 
 
 def test_resume_with_another_model_is_refused(tmp_path: Path) -> None:
-    from clip.train import train
-
     make_shards(tmp_path / "shards", n=32, per_shard=32)
-    assert train(_cfg(tmp_path / "shards", tmp_path / "out"))["steps"] == 2
+    assert train(_cfg(tmp_path / "shards", tmp_path / "out")).steps == 2
     with pytest.raises(ValueError, match=r"final.pt was trained with train.model='tiny-vit' but this run asks for 'tiny-rn'"):
         train(_cfg(tmp_path / "shards", tmp_path / "out", **{"train.model": "tiny-rn"}))
 
@@ -192,17 +185,34 @@ def test_slurm_environment_maps_to_torch_variables() -> None:
 def test_torchrun_command_single_and_multi_node() -> None:
     from pipelines.train import torchrun_command
 
-    single = torchrun_command("p.yaml", ["train.epochs=1"], 8)
+    single = torchrun_command("p.yaml", ComputeConfig(nproc_per_node=8))
     assert single[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8", "--max-restarts",
-                          "0", "-m", "pipelines.train", "--params", "p.yaml", "--set", "train.epochs=1"]
-    multi = torchrun_command(None, [], 4, nnodes=2, rdzv_endpoint="head:29400", max_restarts=2)
-    assert "--standalone" not in multi
+                          "0", "-m", "pipelines.train", "--params", "p.yaml"]
+    multi = torchrun_command("p.yaml", ComputeConfig(nproc_per_node=4, nnodes=2, rdzv_endpoint="head:29400",
+                                                     max_restarts=2))
+    assert "--standalone" not in multi and "--node-rank" not in multi
     assert multi[multi.index("--rdzv-endpoint") + 1] == "head:29400"
     assert multi[multi.index("--nnodes") + 1] == "2" and multi[multi.index("--max-restarts") + 1] == "2"
-    with pytest.raises(ValueError, match="rdzv-endpoint"):
-        torchrun_command(None, [], 1, nnodes=2)
-    with pytest.raises(ValueError, match="--rdzv-endpoint 'head': must be host:port"):
-        torchrun_command(None, [], 1, nnodes=2, rdzv_endpoint="head")
+    pinned = torchrun_command("p.yaml", ComputeConfig(nnodes=2, rdzv_endpoint="head:29400", node_rank=1))
+    assert pinned[pinned.index("--node-rank") + 1] == "1"
+    with pytest.raises(ValueError, match="compute.rdzv_endpoint"):
+        torchrun_command("p.yaml", ComputeConfig(nnodes=2))
+    # the launcher options are config keys now: a bad endpoint or restart count is refused when the config loads
+    with pytest.raises(ConfigError, match="compute.rdzv_endpoint: must be host:port"):
+        load_config(None, ["compute.nnodes=2", "compute.rdzv_endpoint=head"])
+    with pytest.raises(ConfigError, match="compute.max_restarts"):
+        load_config(None, ["compute.max_restarts=-1"])
+
+
+def test_workers_get_exactly_the_resolved_config(tmp_path: Path) -> None:
+    """torchrun workers load the launcher's resolved config from one params file, not the original --set list."""
+    from pipelines.train import is_single_process, write_worker_params
+
+    cfg = load_config(None, tiny_overrides(str(tmp_path / "shards"), str(tmp_path / "out"), **{
+        "compute.nproc_per_node": 2, "compute.max_restarts": 1, "debug.fault_step_delay_s": 0.5}))
+    assert load_config(write_worker_params(cfg, tmp_path)) == cfg
+    assert not is_single_process(cfg.compute) and is_single_process(ComputeConfig())
+    assert not is_single_process(ComputeConfig(max_restarts=1))  # restarts need the launcher even for one process
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,8 +223,9 @@ def test_single_process_learns_logs_to_mlflow_and_writes_outputs(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
+    from clip.progress import RecordingProgress
     from clip.tracking import git_commit
-    from pipelines.train import launch
+    from pipelines.train import run
 
     monkeypatch.chdir(tmp_path)  # started outside the checkout: the git_commit tag is still the code's commit
 
@@ -224,8 +235,14 @@ def test_single_process_learns_logs_to_mlflow_and_writes_outputs(tmp_path: Path,
         str(tmp_path / "shards"), str(out), **{
             "train.epochs": 4, "tracking.enabled": True, "tracking.uri": mlflow_store["uri"],
             "tracking.artifact_location": mlflow_store["artifact_location"], "tracking.experiment": "t"}))
-    metrics = launch(cfg)  # one process: in-process
+    progress = RecordingProgress()
+    result = run(cfg, progress)  # one process: in-process
+    metrics = result.metrics
     assert metrics["steps"] == 64 and (out / "final.pt").exists() and (out / "tokenizer.json").exists()
+    assert result.outputs["checkpoint"] == result.checkpoint == str(out / "final.pt")
+    assert result.outputs["tokenizer"] == result.tokenizer == str(out / "tokenizer.json")
+    done, total, detail = progress.last["train"]  # rank 0 reports through the progress protocol
+    assert (done, total) == (64, 64) and detail == f"loss {metrics['final_loss']:.3f}"
     assert json.loads((out / "metrics.json").read_text())["steps"] == 64
     ckpt = torch.load(out / "final.pt", weights_only=True)
     assert ckpt["step"] == 64 and ckpt["samples_seen"] == 64 * 16
@@ -254,26 +271,21 @@ def test_single_process_learns_logs_to_mlflow_and_writes_outputs(tmp_path: Path,
     assert {"checkpoint/final.pt", "checkpoint/tokenizer.json"} <= artifacts
 
 
-def test_resume_after_a_stop_continues_with_exactly_the_same_samples(tmp_path: Path, monkeypatch) -> None:
-    from clip.train import train
-
+def test_resume_after_a_stop_continues_with_exactly_the_same_samples(tmp_path: Path) -> None:
     make_shards(tmp_path / "shards", n=192, per_shard=50)
     extra = {"train.epochs": 2, "train.num_workers": 2, "train.checkpoint_every": 5, "train.max_nonfinite_steps": 1}
     # uninterrupted reference
-    monkeypatch.setenv("CLIP_TRAIN_KEYS_LOG", str(tmp_path / "ref.log"))
-    ref = train(_cfg(tmp_path / "shards", tmp_path / "ref", **extra))
-    assert ref["steps"] == 24
+    ref = train(_cfg(tmp_path / "shards", tmp_path / "ref", **extra, **{"debug.keys_log": str(tmp_path / "ref.log")}))
+    assert ref.metrics["steps"] == 24
     # the same run stopped at step 13 (a non-finite loss with max_nonfinite_steps=1), then started again
-    monkeypatch.setenv("CLIP_TRAIN_KEYS_LOG", str(tmp_path / "run.log"))
-    monkeypatch.setenv("CLIP_TRAIN_FAULT_NONFINITE_STEPS", "13")
+    extra["debug.keys_log"] = str(tmp_path / "run.log")
     with pytest.raises(NonFiniteLossError, match="max_nonfinite_steps"):
-        train(_cfg(tmp_path / "shards", tmp_path / "run", **extra))
+        train(_cfg(tmp_path / "shards", tmp_path / "run", **extra, **{"debug.fault_nonfinite_steps": [13]}))
     assert not (tmp_path / "run" / "final.pt").exists()
     assert torch.load(tmp_path / "run" / "step-00000010.pt", weights_only=True)["step"] == 10  # last good, intact
-    monkeypatch.delenv("CLIP_TRAIN_FAULT_NONFINITE_STEPS")
     (tmp_path / "run.log.rank0").rename(tmp_path / "first.log.rank0")
     resumed = train(_cfg(tmp_path / "shards", tmp_path / "run", **extra))
-    assert resumed["resumed_from_step"] == 10 and resumed["steps"] == 24
+    assert resumed.metrics["resumed_from_step"] == 10 and resumed.metrics["steps"] == 24
     after = _keys_by_step(tmp_path / "run.log")
     reference = _keys_by_step(tmp_path / "ref.log")
     assert sorted(after) == list(range(11, 25))
@@ -287,18 +299,14 @@ def test_resume_after_a_stop_continues_with_exactly_the_same_samples(tmp_path: P
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
-def test_nonfinite_losses_are_skipped_and_counted(tmp_path: Path, monkeypatch) -> None:
-    from clip.train import train
-
+def test_nonfinite_losses_are_skipped_and_counted(tmp_path: Path) -> None:
     make_shards(tmp_path / "shards", n=64, per_shard=64)
-    monkeypatch.setenv("CLIP_TRAIN_FAULT_NONFINITE_STEPS", "2,3")
-    metrics = train(_cfg(tmp_path / "shards", tmp_path / "out", **{"train.epochs": 1}))
+    metrics = train(_cfg(tmp_path / "shards", tmp_path / "out", **{"train.epochs": 1,
+                                                                   "debug.fault_nonfinite_steps": [2, 3]})).metrics
     assert metrics["steps"] == 4 and metrics["nonfinite_steps"] == 2 and math.isfinite(metrics["final_loss"])
 
 
-def test_corrupt_and_truncated_samples_are_skipped_and_counted(tmp_path: Path, monkeypatch) -> None:
-    from clip.train import train
-
+def test_corrupt_and_truncated_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     shards.mkdir()
     samples = make_samples(64)
@@ -318,8 +326,8 @@ def test_corrupt_and_truncated_samples_are_skipped_and_counted(tmp_path: Path, m
         cut = next(m.offset_data for m in tar.getmembers() if m.name == "000000050.jpg") + 5
     (shards / "shard-00001.tar").write_bytes((shards / "shard-00001.tar").read_bytes()[:cut])
     write_manifest(shards, ["shard-00000.tar", "shard-00001.tar"], [32, 32])
-    monkeypatch.setenv("CLIP_TRAIN_KEYS_LOG", str(tmp_path / "keys.log"))
-    metrics = train(_cfg(shards, tmp_path / "out", **{"train.epochs": 2, "train.num_workers": 1}))
+    metrics = train(_cfg(shards, tmp_path / "out", **{"train.epochs": 2, "train.num_workers": 1,
+                                                      "debug.keys_log": str(tmp_path / "keys.log")})).metrics
     assert metrics["steps"] == 8  # 64 samples / 16 per step x 2 epochs: the stream refills from its range
     assert metrics["corrupt_samples"] >= 2 and metrics["truncated_shards"] >= 1
     trained = {k for keys in _keys_by_step(tmp_path / "keys.log").values() for k in keys}
@@ -330,8 +338,7 @@ def test_corrupt_and_truncated_samples_are_skipped_and_counted(tmp_path: Path, m
 
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_shards_with_no_usable_sample_stop_with_a_clear_error(tmp_path: Path, num_workers: int) -> None:
-    from clip.train import train
-    from clip.train.data import DataError
+    from clip.train.streams import DataError
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -350,9 +357,7 @@ def test_shards_with_no_usable_sample_stop_with_a_clear_error(tmp_path: Path, nu
         train(_cfg(shards, tmp_path / "out", **{"train.num_workers": num_workers, "train.batch_size": 8}))
 
 
-def test_resampled_streams_continue_from_a_position_and_train(tmp_path: Path, monkeypatch) -> None:
-    from clip.train import train
-
+def test_resampled_streams_continue_from_a_position_and_train(tmp_path: Path) -> None:
     make_shards(tmp_path / "shards", n=96, per_shard=24)
     manifest = read_manifest(str(tmp_path / "shards"))
     plan = StreamPlan(manifest.shards, num_streams=2, seed=3, resampled=True)
@@ -361,9 +366,9 @@ def test_resampled_streams_continue_from_a_position_and_train(tmp_path: Path, mo
     again = shuffled_stream(RawStream(plan, 0, 1, open_uri, StreamStats()), window=10, start=57)
     assert [next(again)[1] for _ in range(93)] == keys[57:]
     assert len(set(keys)) < len(keys)
-    monkeypatch.setenv("CLIP_TRAIN_KEYS_LOG", str(tmp_path / "keys.log"))
     metrics = train(_cfg(tmp_path / "shards", tmp_path / "out", **{
-        "train.resampled": True, "train.samples_per_epoch": 80, "train.epochs": 2}))
+        "train.resampled": True, "train.samples_per_epoch": 80, "train.epochs": 2,
+        "debug.keys_log": str(tmp_path / "keys.log")})).metrics
     assert metrics["steps"] == 10  # 80 // 16 steps per epoch, whatever the data size
 
 
@@ -371,7 +376,8 @@ def test_gpu_decode_path_decodes_crops_normalises_and_replaces_bad_jpegs() -> No
     """The train.gpu_decode code path, run with device="cpu" (torchvision decodes there too)."""
     from PIL import Image
 
-    from clip.train.loop import CLIP_MEAN, CLIP_STD, gpu_decode_batch
+    from clip.train.gpu_decode import gpu_decode_batch
+    from clip.transforms import CLIP_MEAN, CLIP_STD
 
     jpegs = []
     for colour in ((255, 0, 0), (0, 0, 255)):
@@ -390,13 +396,11 @@ def test_training_inside_a_prefect_flow_with_loader_workers(tmp_path: Path, pref
     """Orchestration runs the stage in a flow: forked loader workers must not inherit Prefect's exit hooks and crash."""
     from prefect import flow
 
-    from clip.train import train
-
     make_shards(tmp_path / "shards", n=64, per_shard=32)
 
     @flow(name="train-in-flow")
     def train_flow() -> dict:
-        return train(_cfg(tmp_path / "shards", tmp_path / "out", **{"train.num_workers": 2}))
+        return train(_cfg(tmp_path / "shards", tmp_path / "out", **{"train.num_workers": 2})).metrics
 
     metrics = train_flow()
     assert metrics["steps"] == metrics["total_steps"] > 0
@@ -405,13 +409,11 @@ def test_training_inside_a_prefect_flow_with_loader_workers(tmp_path: Path, pref
 
 def test_new_data_version_is_not_mistaken_for_a_finished_run(tmp_path: Path) -> None:
     """Weekly reruns: new shards under the same train.output must not report the old run as done."""
-    from clip.train import train
-
     make_shards(tmp_path / "shards", n=64, per_shard=32, seed=0)
     first = train(_cfg(tmp_path / "shards", tmp_path / "out"))
-    assert first["steps"] == first["total_steps"]
+    assert first.steps == first.total_steps
     make_shards(tmp_path / "shards", n=64, per_shard=32, seed=1)  # same names, other samples: a new version
     with pytest.raises(ValueError, match="data version .* use a new train.output"):
         train(_cfg(tmp_path / "shards", tmp_path / "out"))
     again = train(_cfg(tmp_path / "shards", tmp_path / "out-v2"))
-    assert again["data_version"] != first["data_version"]
+    assert again.data_version != first.data_version

@@ -1,6 +1,8 @@
 """Training stage, several processes: real torchrun launchers, gloo, the moto S3 server over HTTP.
 
-* 2 processes give the same batches and (within float tolerance) the same weights as 1 process;
+* 2 processes (`python -m pipelines.train` with compute.nproc_per_node=2: it launches torchrun itself, the
+  workers reading its resolved config) give the same batches and (within float tolerance) the same weights as
+  1 process;
 * a two-node job (two torchrun launchers, c10d rendezvous on 127.0.0.1) reads its shards from S3;
 * a worker SIGKILLed mid-run under `--max-restarts 1`: the job completes, resuming at the checkpoint.
 """
@@ -21,12 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_train_support import make_shards, tiny_overrides  # noqa: E402
-
-from clip.config import load_config  # noqa: E402
-from pipelines.train import torchrun_command  # noqa: E402
+from clip.config import PipelineConfig, dump_config, load_config
+from clip.train import stage
+from pipelines.train import torchrun_command, write_worker_params
+from tests.support.shards import make_shards
+from tests.support.train_config import tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.heavy
@@ -73,19 +74,28 @@ def _keys_by_step(base: Path, ranks: int) -> dict[int, list[str]]:
     return steps
 
 
-def test_two_processes_match_one_process(tmp_path: Path, monkeypatch) -> None:
-    from clip.train import train
+def _config(data: str, output: str, **extra: object) -> PipelineConfig:
+    return load_config(None, tiny_overrides(data, output, **extra))
 
+
+def test_two_processes_match_one_process(tmp_path: Path) -> None:
     make_shards(tmp_path / "shards", n=96, per_shard=40)
     extra = {"train.streams": 2, "train.num_workers": 0, "train.epochs": 1}
-    monkeypatch.setenv("CLIP_TRAIN_KEYS_LOG", str(tmp_path / "one.log"))
-    train(load_config(None, tiny_overrides(str(tmp_path / "shards"), str(tmp_path / "one"), **extra)))
-    cmd = torchrun_command(None, tiny_overrides(str(tmp_path / "shards"), str(tmp_path / "two"), **extra), 2)
-    launcher = subprocess.Popen(cmd, env=_env(CLIP_TRAIN_KEYS_LOG=str(tmp_path / "two.log")), cwd=REPO)
+    one = _config(str(tmp_path / "shards"), str(tmp_path / "one"), **extra,
+                  **{"debug.keys_log": str(tmp_path / "one.log")})
+    stage.run(one.train, storage=one.storage, compute=one.compute, tracking=one.tracking, debug=one.debug)
+    two = _config(str(tmp_path / "shards"), str(tmp_path / "two"), **extra, **{
+        "debug.keys_log": str(tmp_path / "two.log"), "compute.nproc_per_node": 2})
+    params = tmp_path / "two.yaml"
+    params.write_text(dump_config(two))
+    # The stage module launches torchrun itself (compute.nproc_per_node=2); cwd: its reports/metrics/ lands here.
+    launcher = subprocess.Popen([sys.executable, "-m", "pipelines.train", "--params", str(params)], env=_env(),
+                                cwd=tmp_path)
     try:
         assert launcher.wait(timeout=300) == 0
     finally:
         _kill_tree(launcher)
+    assert json.loads((tmp_path / "reports" / "metrics" / "train.json").read_text())["world_size"] == 2
     one, two = _keys_by_step(tmp_path / "one.log", 1), _keys_by_step(tmp_path / "two.log", 2)
     assert sorted(one) == list(range(1, 7)) and one == two  # rank r's half == the r-th half of the global batch
     a = torch.load(tmp_path / "one" / "final.pt", weights_only=True)
@@ -109,12 +119,14 @@ def test_two_node_job_reads_shards_from_s3(tmp_path: Path, s3_bucket: str) -> No
     for path in sorted((tmp_path / "shards").iterdir()):
         storage.upload_file(path, f"s3://{s3_bucket}/shards/{path.name}")
     data, out = f"s3://{s3_bucket}/shards", f"s3://{s3_bucket}/run"
-    overrides = tiny_overrides(data, out, **{"train.epochs": 2, "train.num_workers": 1})
     endpoint = f"127.0.0.1:{_free_port()}"
-    env = _env(CLIP_TRAIN_KEYS_LOG=str(tmp_path / "keys.log"))
+    cfg = _config(data, out, **{"train.epochs": 2, "train.num_workers": 1,
+                                "debug.keys_log": str(tmp_path / "keys.log"),
+                                "compute.nnodes": 2, "compute.rdzv_endpoint": endpoint})
+    params = write_worker_params(cfg, tmp_path)
+    env = _env()
     nodes = [
-        subprocess.Popen(torchrun_command(None, overrides, 1, nnodes=2, rdzv_endpoint=endpoint,
-                                          rdzv_id=f"t{os.getpid()}"), env=env, cwd=REPO)
+        subprocess.Popen(torchrun_command(params, cfg.compute, rdzv_id=f"t{os.getpid()}"), env=env, cwd=tmp_path)
         for _ in range(2)
     ]
     try:
@@ -139,10 +151,14 @@ def test_killed_worker_is_restarted_and_the_run_completes(tmp_path: Path) -> Non
 
     make_shards(tmp_path / "shards", n=160, per_shard=40)
     out = tmp_path / "out"
-    overrides = tiny_overrides(str(tmp_path / "shards"), str(out), **{"train.epochs": 2, "train.checkpoint_every": 4,
-                                                                    "train.fsdp": True})  # FSDP2 save + restore
-    env = _env(CLIP_TRAIN_KEYS_LOG=str(tmp_path / "keys.log"), CLIP_TRAIN_FAULT_STEP_DELAY_S="0.3")
-    launcher = subprocess.Popen(torchrun_command(None, overrides, 2, max_restarts=1), env=env, cwd=REPO)
+    cfg = _config(str(tmp_path / "shards"), str(out), **{"train.epochs": 2, "train.checkpoint_every": 4,
+                                                          "train.fsdp": True,  # FSDP2 save + restore
+                                                          "debug.keys_log": str(tmp_path / "keys.log"),
+                                                          "debug.fault_step_delay_s": 0.3,
+                                                          "compute.nproc_per_node": 2, "compute.max_restarts": 1})
+    env = _env()
+    launcher = subprocess.Popen(torchrun_command(write_worker_params(cfg, tmp_path), cfg.compute), env=env,
+                                cwd=tmp_path)
     try:
         deadline = time.monotonic() + 240
         while not (out / "step-00000004.pt").exists():

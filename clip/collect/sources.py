@@ -10,7 +10,7 @@ the image itself.
   table is one partition per file, streamed block by block.
 - `folder`: a folder tree of images with sidecar caption files (`cat.jpg` + `cat.txt`).
 - `webdataset`: existing webdataset tars (local paths, brace patterns, s3:// URLs), one partition per tar.
-- `synthetic`: the built-in generator (clip.collect.synthetic), the embedded default.
+- `synthetic`: the built-in generator (clip.synthetic), the embedded default.
 
     source = make_source(cfg.collect)
     for part in source.partitions():
@@ -22,7 +22,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import tarfile
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -32,7 +31,7 @@ from typing import Any
 
 from PIL import Image
 
-from clip.collect import synthetic
+from clip import synthetic
 from clip.config import (
     CollectConfig,
     FolderSourceConfig,
@@ -41,6 +40,7 @@ from clip.config import (
     TableSourceConfig,
     WebdatasetSourceConfig,
 )
+from clip.formats.tar import TruncatedTarError, iter_tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -361,60 +361,32 @@ class WebdatasetSource(CandidateSource):
                 raise SourceError(f"collect.webdataset.urls: {tar} does not exist")
         return [Partition(i, ("webdataset", tar)) for i, tar in enumerate(self.tars)]
 
-    def _samples(self, tar_uri: str, with_images: bool) -> Iterator[tuple[str, dict[str, bytes], set[str]]]:
-        """(key, {extension: bytes}, extensions present) per sample, streaming; image members are read only when asked for."""
+    def _samples(self, tar_uri: str, with_images: bool) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+        """(key, {extension: bytes, or None when not read}) per sample, streaming; image members are read only
+        when asked for. Gzip-compressed tars are read too."""
         wanted = {self.cfg.caption_key, *self.cfg.image_keys} if with_images else {self.cfg.caption_key}
         yielded = 0
         try:
-            with _open_binary(tar_uri, self.storage_cfg) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-                for key, sample_fields, sample_seen in self._read_members(tar, wanted):
-                    yield key, sample_fields, sample_seen
+            with _open_binary(tar_uri, self.storage_cfg) as raw:
+                for key, members in iter_tar_samples(raw, want=wanted.__contains__, decompress=True):
+                    yield key, members
                     yielded += 1
-        except (tarfile.TarError, EOFError, zlib.error) as exc:
-            # A truncated or corrupt tar (common among downloaded shards) must not stop the stage: its readable
+        except (TruncatedTarError, EOFError, OSError, zlib.error) as exc:
+            # A truncated or corrupt tar (common among downloaded shards) must not stop the stage: its complete
             # samples count, the one being read when the damage starts and everything after it are skipped.
             # Every pass over the tar stops at the same place, so the candidate rows stay consistent.
             log.warning("webdataset tar %s is truncated or corrupt after %d samples (%s); the rest is skipped",
                         tar_uri, yielded, exc)
 
-    @staticmethod
-    def _read_members(tar: tarfile.TarFile, wanted: set[str]) -> Iterator[tuple[str, dict[str, bytes], set[str]]]:
-        """Group a streaming tar's members by key prefix; a sample is yielded once the next key starts."""
-        current_key: str | None = None
-        fields: dict[str, bytes] = {}
-        seen: set[str] = set()
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, _, base = member.name.rpartition("/")
-            if base.startswith("."):
-                continue
-            stem, dot, ext = base.partition(".")
-            if not dot:
-                continue
-            key = f"{folder}/{stem}" if folder else stem
-            if key != current_key:
-                if current_key is not None:
-                    yield current_key, fields, seen
-                current_key, fields, seen = key, {}, set()
-            ext = ext.lower()
-            seen.add(ext)
-            if ext in wanted:
-                handle = tar.extractfile(member)
-                if handle is not None:
-                    fields[ext] = handle.read()
-        if current_key is not None:
-            yield current_key, fields, seen
-
     def iter_candidates(self, part: Partition, with_images: bool = False) -> Iterator[Candidate]:
         tar_uri = part.spec[1]
-        for key, fields, seen in self._samples(tar_uri, with_images):
-            if not any(k in seen for k in self.cfg.image_keys):
+        for key, fields in self._samples(tar_uri, with_images):
+            if not any(k in fields for k in self.cfg.image_keys):
                 continue  # no image: not a candidate (e.g. a metadata-only member)
-            caption = fields.get(self.cfg.caption_key, b"").decode("utf-8", errors="replace").strip()
+            caption = (fields.get(self.cfg.caption_key) or b"").decode("utf-8", errors="replace").strip()
             image = None
             if with_images:
-                image = next((fields[k] for k in self.cfg.image_keys if k in fields), None)
+                image = next((fields[k] for k in self.cfg.image_keys if fields.get(k) is not None), None)
             yield Candidate(f"{tar_uri}#{key}", caption, f"{tar_uri}#{key}", image)
 
 

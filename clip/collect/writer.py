@@ -13,52 +13,17 @@ interruption between the two leaves a shard that is simply built again.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clip import storage
 from clip.config import StorageConfig
+from clip.formats.raw import RECORDS_DIR, RawSample, raw_shard_index, raw_shard_name, write_raw_shard
 
-RECORDS_DIR = "records"
 _PARTIAL_SUFFIX = ".partial"  # local temp name: .raw-00003.tar.partial (fixed: a rerun overwrites it)
-
-
-def shard_name(index: int) -> str:
-    return f"raw-{index:05d}.tar"
-
-
-def record_name(index: int) -> str:
-    return f"raw-{index:05d}.json"
-
-
-@dataclass
-class RawSample:
-    key: str
-    jpeg: bytes
-    caption: str
-    meta: dict[str, Any]  # the {key}.json fields
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    info.mtime = 0  # fixed metadata: the same samples give a byte-identical tar
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _fill_tar(handle: Any, samples: list[RawSample]) -> None:
-    with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            _add_member(tar, f"{sample.key}.jpg", sample.jpeg)
-            _add_member(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
-            _add_member(tar, f"{sample.key}.json", json.dumps(sample.meta, sort_keys=True).encode("utf-8"))
 
 
 class RawOutput:
@@ -94,12 +59,12 @@ class RawOutput:
 
         Returns the tar's size in bytes.
         """
-        name = shard_name(index)
+        name = raw_shard_name(index)
         if not self.is_s3:
             final = Path(self.uri, name)
             partial = final.with_name(f".{name}{_PARTIAL_SUFFIX}")
             with open(partial, "wb") as handle:
-                _fill_tar(handle, samples)
+                write_raw_shard(handle, samples)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(partial, final)
@@ -108,7 +73,7 @@ class RawOutput:
         with tempfile.TemporaryDirectory(prefix="raw-shard-") as staging:
             local = Path(staging, name)
             with open(local, "wb") as handle:
-                _fill_tar(handle, samples)
+                write_raw_shard(handle, samples)
             storage.upload_file(local, self.path(name), self.storage_cfg)
             return local.stat().st_size
 
@@ -144,9 +109,7 @@ class RawOutput:
         """Indices of raw-NNNNN.tar and records/raw-NNNNN.json present in the output."""
         found: set[int] = set()
         for info in storage.list_objects(self.uri, self.storage_cfg):
-            base = info.uri.rstrip("/").rsplit("/", 1)[-1]
-            if base.startswith("raw-") and base.endswith((".tar", ".json")):
-                digits = base[4:].split(".", 1)[0]
-                if digits.isdigit():
-                    found.add(int(digits))
+            index = raw_shard_index(storage.basename(info.uri))
+            if index is not None:
+                found.add(index)
         return found

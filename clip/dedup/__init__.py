@@ -1,10 +1,15 @@
 """Dedup and decontamination of the raw pool: exact duplicates, pHash near duplicates, evaluation overlap.
 
-    from clip.dedup import run_dedup
-    result = run_dedup(cfg.dedup, cfg.compute, cfg.storage)   # writes keep.parquet, removed.parquet, ...
+    from clip.dedup import stage
+    result = stage.run(cfg.dedup, storage=cfg.storage, compute=cfg.compute, progress=progress)
+    # writes keep.parquet, removed.parquet, overlap_report.json; result: DedupResult (metrics, outputs, tables)
+
+Modules: stage (`run`: read the pool, dedup, write the tables), dedup (the passes, `deduplicate`, `DedupResult`),
+pool (the pool's metadata columns), neardup (multi-index pHash search, in process or on Dask), decontam
+(evaluation sets and overlap), color (the colour check that confirms pHash matches).
 """
 
-from clip.dedup.dedup import DedupResult, deduplicate, normalize_caption, run_dedup, write_outputs
+from clip.dedup.dedup import DedupResult, deduplicate, normalize_caption, write_outputs
 from clip.dedup.neardup import (
     band_layout,
     brute_force_pairs,
@@ -24,6 +29,5 @@ __all__ = [
     "find_near_pairs",
     "find_near_pairs_dask",
     "normalize_caption",
-    "run_dedup",
     "write_outputs",
 ]

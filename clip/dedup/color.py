@@ -11,14 +11,14 @@ the cells it covers by far more (on the synthetic pool, 97% of pHash-only train/
 from __future__ import annotations
 
 import io
-import tarfile
 from collections import defaultdict
 
 import numpy as np
 from PIL import Image
 
 from clip.config import StorageConfig
-from clip.dedup.raw import PoolMetadata, open_shard, split_member_name
+from clip.dedup.pool import PoolMetadata
+from clip.formats.raw import iter_raw_images
 
 SIGNATURE_SIDE = 8
 SIGNATURE_LENGTH = SIGNATURE_SIDE * SIGNATURE_SIDE * 3
@@ -52,17 +52,10 @@ class PoolSignatures:
             by_shard[self.pool.shards[idx]][self.pool.keys[idx]] = idx
         for shard, wanted in sorted(by_shard.items()):
             uri = self.pool.shard_uris[shard]
-            with open_shard(uri, self.storage_cfg) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-                for member in tar:
-                    key, ext = split_member_name(member.name)
-                    if ext == "jpg" and key in wanted:
-                        extracted = tar.extractfile(member)
-                        assert extracted is not None  # a regular file always has contents
-                        with Image.open(io.BytesIO(extracted.read())) as image:
-                            self._cache[wanted.pop(key)] = color_signature(image)
-                        self.decoded += 1
-            if wanted:
-                raise ValueError(f"raw shard {shard}: no jpg member for {sorted(wanted)[:5]}")
+            for key, jpeg in iter_raw_images(uri, set(wanted), self.storage_cfg):
+                with Image.open(io.BytesIO(jpeg)) as image:
+                    self._cache[wanted[key]] = color_signature(image)
+                self.decoded += 1
         flat = np.asarray(indices).reshape(-1)
         if flat.size == 0:
             return np.empty((0, SIGNATURE_LENGTH), dtype=np.float32)

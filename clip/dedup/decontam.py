@@ -19,7 +19,7 @@ from PIL import Image
 
 from clip.dedup.color import SIGNATURE_LENGTH, color_signature
 from clip.dedup.neardup import find_cross_pairs
-from clip.dedup.raw import MissingInputError
+from clip.formats.errors import MissingInputError
 from clip.imagehash import phash64
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,9 @@ def synthetic_eval_sets(image_size: int, seed: int = SYNTHETIC_EVAL_SEED,
                         num_images: int = SYNTHETIC_EVAL_SIZE) -> list[EvalSet]:
     """Hashes of the built-in synthetic evaluation sets; [] with a warning when the generator is not available."""
     try:
-        from clip.collect.synthetic import EVAL_SET_NAMES, generate_eval_set
+        from clip.synthetic import EVAL_SET_NAMES, generate_eval_set
     except ImportError as exc:
-        log.warning("synthetic evaluation sets unavailable (clip.collect.synthetic: %s); not decontaminated", exc)
+        log.warning("synthetic evaluation sets unavailable (clip.synthetic: %s); not decontaminated", exc)
         return []
     # Use the generator's own defaults for seed / size when it has them, so we hash what evaluation will use.
     params = inspect.signature(generate_eval_set).parameters

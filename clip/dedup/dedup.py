@@ -15,32 +15,25 @@ In every duplicate group the survivor is deterministic: the largest image (width
 
 from __future__ import annotations
 
-import json
-import logging
 import string
 import time
 import unicodedata
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from clip import storage
+from clip.compute import DaskRunner
 from clip.config import ComputeConfig, DedupConfig, StorageConfig
 from clip.dedup.color import PoolSignatures, signature_distance
 from clip.dedup.decontam import EvalSet, eval_set_names, find_overlap, hash_image_folder, synthetic_eval_sets
 from clip.dedup.neardup import cluster_labels, find_near_pairs, find_near_pairs_dask
-from clip.dedup.raw import PoolMetadata, read_pool_metadata
-
-log = logging.getLogger(__name__)
+from clip.dedup.pool import PoolMetadata
+from clip.formats.dedup import write_keep_list, write_overlap_report, write_removed_list
+from clip.progress import Progress, for_task
+from clip.result import StageResult
 
 REASONS = ("eval_overlap", "exact_caption_image", "exact_sha256", "near_duplicate")
-ProgressFn = Callable[[str, int, int], None]  # (task name, done, total)
 
 
 def normalize_caption(caption: str) -> str:
@@ -58,15 +51,16 @@ def _is_edge_noise(char: str) -> bool:
     return char in string.punctuation or char.isspace() or unicodedata.category(char).startswith("P")
 
 
-@dataclass
-class DedupResult:
+@dataclass(kw_only=True)
+class DedupResult(StageResult):
+    """The dedup tables, one entry per pool sample in pool order, plus metrics (and, from `stage.run`, outputs)."""
+
     keys: list[str]
     shards: list[str]
     sha256: list[str]  # image sha256 from each sample's raw JSON (keep.parquet carries it, the shard stage checks it)
     reason: list[str | None]  # None: kept
     duplicate_of: list[str | None]
     overlap_report: dict[str, dict[str, Any]]
-    metrics: dict[str, Any]
 
     def kept_indices(self) -> list[int]:
         return [i for i, r in enumerate(self.reason) if r is None]
@@ -100,27 +94,12 @@ def _remove_groups(pool: PoolMetadata, alive: np.ndarray, group_of: list[Any], r
     return removed
 
 
-@contextmanager
-def dask_client(compute: ComputeConfig) -> Iterator[Any]:
-    """A Dask client: the configured scheduler, or a local cluster sized by the compute section."""
-    from dask.distributed import Client, LocalCluster
-
-    if compute.dask_scheduler:
-        with Client(compute.dask_scheduler) as client:
-            yield client
-        return
-    with LocalCluster(n_workers=compute.dask_workers, threads_per_worker=compute.threads_per_worker,
-                      processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
-            Client(cluster) as client:  # a local cluster listens on loopback only
-        yield client
-
-
-def load_eval_sets(cfg: DedupConfig, synthetic_image_size: int,
-                   progress: ProgressFn | None = None) -> list[EvalSet]:
+def load_eval_sets(cfg: DedupConfig, synthetic_image_size: int, progress: Progress | None = None) -> list[EvalSet]:
+    """The evaluation sets to decontaminate against: `cfg.eval_dirs`, then the synthetic sets (when enabled),
+    rendered at `synthetic_image_size` like the pool's synthetic scenes."""
     sets = []
     for folder, name in zip(cfg.eval_dirs, eval_set_names(cfg.eval_dirs), strict=True):
-        sets.append(hash_image_folder(folder, name, None if progress is None else
-                                      (lambda d, t, n=name: progress(f"hashing eval set {n}", d, t))))
+        sets.append(hash_image_folder(folder, name, for_task(progress, f"hashing eval set {name}")))
     if cfg.decontaminate_synthetic:
         sets.extend(synthetic_eval_sets(synthetic_image_size))
     return sets
@@ -128,7 +107,7 @@ def load_eval_sets(cfg: DedupConfig, synthetic_image_size: int,
 
 def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
                 compute: ComputeConfig | None = None, dask: Any = None,
-                progress: ProgressFn | None = None, storage_cfg: StorageConfig | None = None) -> DedupResult:
+                progress: Progress | None = None, storage_cfg: StorageConfig | None = None) -> DedupResult:
     """Run the four passes over `pool`. `dask`: an existing Dask client (else one is made when cfg.use_dask)."""
     start = time.monotonic()
     signatures = PoolSignatures(pool, storage_cfg)
@@ -172,15 +151,16 @@ def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
     if cfg.near_duplicates:
         live = alive()
         live_hashes = hashes[live]
-        report = None if progress is None else (lambda d, t: progress("near-duplicate bands", d, t))
+        report = for_task(progress, "near-duplicate bands")
         if cfg.use_dask:
             compute = compute or ComputeConfig()
             partitions = max(1, compute.dask_workers * compute.threads_per_worker * 2)
             if dask is not None:
                 pairs = find_near_pairs_dask(live_hashes, cfg.near_dup_threshold, dask, partitions)
             else:
-                with dask_client(compute) as client:
-                    pairs = find_near_pairs_dask(live_hashes, cfg.near_dup_threshold, client, partitions)
+                with DaskRunner(compute) as runner:
+                    pairs = find_near_pairs_dask(live_hashes, cfg.near_dup_threshold, runner.client_or_start(),
+                                                 partitions)
         else:
             pairs = find_near_pairs(live_hashes, cfg.near_dup_threshold, progress=report)
         if tolerance is not None and pairs.size:
@@ -218,47 +198,16 @@ def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
                        overlap_report=overlap.report, metrics=metrics)
 
 
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    storage.write_bytes(str(path), buffer.getvalue().to_pybytes())  # atomic
-
-
-def write_outputs(result: DedupResult, output_dir: str | Path) -> dict[str, str]:
-    """keep.parquet, removed.parquet, overlap_report.json under `output_dir` (each written atomically)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    kept = sorted(result.kept_indices(), key=lambda i: result.keys[i])
+def write_outputs(result: DedupResult, output_dir: str, storage_cfg: StorageConfig | None = None) -> dict[str, str]:
+    """keep.parquet, removed.parquet, overlap_report.json under `output_dir` (clip.formats.dedup; each atomic)."""
+    kept = result.kept_indices()
     # sha256 ties the keep-list to the raw pool it was computed from: keys are positional and a collect rerun
     # reuses them for other images, so the shard stage refuses a keep-list whose sha256s the raw JSON contradicts.
-    _write_parquet(pa.table({
-        "key": pa.array([result.keys[i] for i in kept], pa.string()),
-        "shard": pa.array([result.shards[i] for i in kept], pa.string()),
-        "sha256": pa.array([result.sha256[i] for i in kept], pa.string()),
-    }), out / "keep.parquet")
-    removed = sorted((i for i, r in enumerate(result.reason) if r is not None), key=lambda i: result.keys[i])
-    _write_parquet(pa.table({
-        "key": pa.array([result.keys[i] for i in removed], pa.string()),
-        "reason": pa.array([result.reason[i] for i in removed], pa.string()),
-        "duplicate_of": pa.array([result.duplicate_of[i] for i in removed], pa.string()),
-        "shard": pa.array([result.shards[i] for i in removed], pa.string()),
-    }), out / "removed.parquet")
-    report_path = out / "overlap_report.json"
-    storage.write_bytes(str(report_path), (json.dumps(result.overlap_report, indent=2, sort_keys=True) + "\n").encode())
-    return {"keep": str(out / "keep.parquet"), "removed": str(out / "removed.parquet"), "overlap_report": str(report_path)}
-
-
-def run_dedup(cfg: DedupConfig, compute: ComputeConfig | None = None, storage_cfg: StorageConfig | None = None,
-              synthetic_image_size: int = 64, progress: ProgressFn | None = None) -> DedupResult:
-    """Read the raw pool under cfg.input_dir, deduplicate and decontaminate, write cfg.output_dir."""
-    tick = time.monotonic()
-    pool = read_pool_metadata(cfg.input_dir, storage_cfg, None if progress is None else
-                              (lambda d, t: progress("reading raw shards", d, t)))
-    read_s = time.monotonic() - tick
-    eval_sets = load_eval_sets(cfg, synthetic_image_size, progress)
-    result = deduplicate(pool, cfg, eval_sets, compute=compute, progress=progress, storage_cfg=storage_cfg)
-    result.metrics["read_seconds"] = read_s
-    result.metrics["outputs"] = write_outputs(result, cfg.output_dir)
-    log.info("dedup: kept %d of %d samples (%s)", result.metrics["kept"], len(pool),
-             result.metrics["removed_by_reason"])
-    return result
+    keep_uri = write_keep_list(output_dir, [result.keys[i] for i in kept], [result.shards[i] for i in kept],
+                               [result.sha256[i] for i in kept], storage_cfg)
+    removed = [i for i, r in enumerate(result.reason) if r is not None]
+    removed_uri = write_removed_list(output_dir, [result.keys[i] for i in removed],
+                                     [result.reason[i] for i in removed], [result.duplicate_of[i] for i in removed],
+                                     [result.shards[i] for i in removed], storage_cfg)
+    report_uri = write_overlap_report(output_dir, result.overlap_report, storage_cfg)
+    return {"keep": keep_uri, "removed": removed_uri, "overlap_report": report_uri}

@@ -3,6 +3,7 @@
     model = create_model("tiny-vit", vocab_size=tokenizer.vocab_size)
     out = model(images, tokens)  # CLIPOutput: normalised features [N, embed_dim] and exp'd logit scale
     logits = out.logit_scale * out.image_features @ out.text_features.T
+    emb = model.encode_image(images, normalize=True)  # unit vectors (default: raw, as OpenAI/open_clip)
 
 State dict layout = OpenAI's released weights (`visual.*`, `token_embedding.weight`, `positional_embedding`,
 `transformer.resblocks.*`, `ln_final.*`, `text_projection`, `logit_scale`).
@@ -110,14 +111,19 @@ class CLIP(nn.Module):
         if tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"expected integer token ids (int64 or int32), got dtype {tokens.dtype}")
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """images [N, 3, S, S] (normalised pixels) -> features [N, embed_dim]."""
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """images [N, 3, S, S] (normalised pixels) -> features [N, embed_dim].
+
+        Unnormalised by default, as OpenAI's CLIP and open_clip; `normalize=True` gives unit vectors.
+        """
         self._check_images(images)
         features = self.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """tokens [N, L<=context_length] -> features [N, embed_dim], pooled at the end-of-text token.
+
+        Unnormalised by default, as OpenAI's CLIP and open_clip; `normalize=True` gives unit vectors.
 
         The end-of-text token has the highest id, so its position is `tokens.argmax(-1)` (OpenAI's rule).
         """
@@ -142,8 +148,8 @@ class CLIP(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> CLIPOutput:
         return CLIPOutput(
-            image_features=self.encode_image(images),
-            text_features=self.encode_text(tokens),
+            image_features=self.encode_image(images, normalize=True),
+            text_features=self.encode_text(tokens, normalize=True),
             logit_scale=self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX),
         )
 

@@ -13,72 +13,38 @@ Any failure before step 4 leaves no manifest, so no half-published version is ev
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any
 
 from clip import storage
 from clip.config import StorageConfig
+from clip.formats.manifest import (
+    MANIFEST_NAME,
+    SIZES_NAME,
+    Manifest,
+    ShardEntry,
+    find_manifest,
+    is_shard_name,
+)
 from clip.shards.writer import ShardFile
 
 log = logging.getLogger(__name__)
-
-MANIFEST_FORMAT = "clip-pipeline/shards/v1"
-MANIFEST_NAME = "manifest.json"
-SIZES_NAME = "sizes.json"
-SHARD_PREFIX = "shard-"
 
 
 class PublishError(RuntimeError):
     """Publishing did not complete; no manifest was written for this data version."""
 
 
-def data_version(shards: list[dict[str, Any]]) -> str:
-    """SHA-256 over the sorted (name, samples, bytes, sha256) of all shards.
-
-    Serialised as one line per shard, `name<TAB>samples<TAB>bytes<TAB>sha256<LF>`, sorted by name, UTF-8.
-    """
-    lines = sorted(f"{s['name']}\t{int(s['samples'])}\t{int(s['bytes'])}\t{s['sha256']}\n" for s in shards)
-    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
-
-
-def build_manifest(shards: list[ShardFile]) -> dict[str, Any]:
-    entries = [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
-               for s in sorted(shards, key=lambda s: s.name)]
-    return {
-        "format": MANIFEST_FORMAT,
-        "data_version": data_version(entries),
-        "total_samples": sum(e["samples"] for e in entries),
-        "shards": entries,
-    }
-
-
-def manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    return (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8")
-
-
-def read_manifest(output_uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, Any] | None:
-    """The published manifest under `output_uri`, or None when there is none (or it cannot be parsed)."""
-    uri = storage.join(output_uri, MANIFEST_NAME)
-    store = storage.get_storage(uri, storage_cfg)
-    if not store.exists(uri):
-        return None
-    try:
-        manifest = json.loads(store.read_bytes(uri))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        log.warning("manifest %s is not valid JSON; it will be replaced", uri)
-        return None
-    return manifest if isinstance(manifest, dict) else None
+def build_manifest(shards: list[ShardFile]) -> Manifest:
+    return Manifest.build([ShardEntry(s.name, s.samples, s.bytes, s.sha256) for s in shards])
 
 
 @dataclass
 class PublishResult:
-    manifest: dict[str, Any]
+    manifest: Manifest
     uploaded: int  # shards sent (S3) or moved into place (local)
     skipped: int  # shards already there, identical
     removed_stale: int
@@ -103,9 +69,9 @@ def publish(shards: list[ShardFile], output_uri: str, storage_cfg: StorageConfig
     if not remote:
         os.makedirs(output_uri, exist_ok=True)
 
-    previous = read_manifest(output_uri, storage_cfg)
-    if previous is not None and previous.get("data_version") != manifest["data_version"]:
-        log.info("replacing data version %s by %s", previous.get("data_version"), manifest["data_version"])
+    previous = find_manifest(output_uri, storage_cfg)
+    if previous is not None and previous.data_version != manifest.data_version:
+        log.info("replacing data version %s by %s", previous.data_version, manifest.data_version)
         store.delete(manifest_uri)
 
     # Step 2: shards into place; every failure is collected so the shards that did go up stay up.
@@ -149,16 +115,15 @@ def publish(shards: list[ShardFile], output_uri: str, storage_cfg: StorageConfig
             log.warning("%s has no stored sha256; verified by size only", uri)
 
     # Step 4: sizes.json, then the manifest, last.
-    sizes = {s["name"]: s["samples"] for s in manifest["shards"]}
-    store.write_bytes(storage.join(output_uri, SIZES_NAME), (json.dumps(sizes, indent=2) + "\n").encode())
-    store.write_bytes(manifest_uri, manifest_bytes(manifest))
+    store.write_bytes(storage.join(output_uri, SIZES_NAME), manifest.sizes_bytes())
+    store.write_bytes(manifest_uri, manifest.to_bytes())
 
     named = {storage.join(output_uri, s.name) for s in shards}
     removed = 0
     for uri in listed:
         name = uri.rsplit("/", 1)[-1] if remote else os.path.basename(uri)
         in_folder = storage.join(output_uri, name) == uri  # directly under the output, not in a sub-folder
-        if in_folder and name.startswith(SHARD_PREFIX) and name.endswith(".tar") and uri not in named:
+        if in_folder and is_shard_name(name) and uri not in named:
             store.delete(uri)
             removed += 1
     return PublishResult(manifest=manifest, uploaded=uploaded, skipped=skipped, removed_stale=removed)

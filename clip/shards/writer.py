@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tarfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -22,10 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from clip.dedup.raw import MissingInputError, StaleInputError, split_member_name
-from clip.shards.tarwriter import DeterministicTarWriter, archive_bytes, member_bytes
+from clip.formats.dedup import KEEP_NAME
+from clip.formats.errors import MissingInputError, StaleInputError
+from clip.formats.manifest import shard_name
+from clip.formats.raw import SAMPLE_MEMBERS, sample_json_sha256
+from clip.formats.tar import (
+    DeterministicTarWriter,
+    archive_bytes,
+    index_tar_members,
+    member_bytes,
+    split_member_name,
+)
 
-SAMPLE_MEMBERS = ("jpg", "json", "txt")  # what a training sample carries, in the order written (sorted)
 STALE_EXAMPLES = 5  # how many mismatching keys a refusal names
 
 
@@ -67,16 +73,6 @@ class ShardFile:
     sha256: str
 
 
-def _json_sha256(data: bytes) -> str | None:
-    """The `sha256` field of a raw sample's JSON member, or None when the member is unreadable or lacks it."""
-    try:
-        meta = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    value = meta.get("sha256") if isinstance(meta, dict) else None
-    return str(value) if value is not None else None
-
-
 def stale_keep_error(problems: dict[str, str], total: int, keep_path: str, input_dir: str) -> StaleInputError:
     """The refusal of a keep-list that the raw pool contradicts; `problems` is kept key -> what is wrong."""
     first = ", ".join(f"{key} ({problems[key]})" for key in sorted(problems)[:STALE_EXAMPLES])
@@ -87,7 +83,7 @@ def stale_keep_error(problems: dict[str, str], total: int, keep_path: str, input
 
 def index_raw_members(raw_paths: dict[str, Path], keep: dict[str, str],
                       progress: Callable[[int, int], None] | None = None,
-                      expected_sha256: dict[str, str] | None = None, keep_path: str = "keep.parquet",
+                      expected_sha256: dict[str, str] | None = None, keep_path: str = KEEP_NAME,
                       input_dir: str = "the input") -> RawIndex:
     """Locate the jpg/txt/json members of every kept key.
 
@@ -114,17 +110,12 @@ def index_raw_members(raw_paths: dict[str, Path], keep: dict[str, str],
         found: dict[str, dict[str, MemberLocation]] = {}
         json_sha256: dict[str, str | None] = {}
         keys = wanted[name]
-        with tarfile.open(raw_paths[name], mode="r:") as tar:  # seekable: headers only, data skipped
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_member_name(member.name)
-                if key in keys and ext in SAMPLE_MEMBERS:
-                    found.setdefault(key, {})[ext] = MemberLocation(member.offset_data, member.size)
-                    if verify and ext == "json":  # a few hundred bytes; images are never read
-                        extracted = tar.extractfile(member)
-                        assert extracted is not None  # a regular file always has contents
-                        json_sha256[key] = _json_sha256(extracted.read())
+        for member, read in index_tar_members(raw_paths[name]):  # headers only, data skipped
+            key, ext = split_member_name(member.name)
+            if key in keys and ext in SAMPLE_MEMBERS:
+                found.setdefault(key, {})[ext] = MemberLocation(member.offset, member.size)
+                if verify and ext == "json":  # a few hundred bytes; images are never read
+                    json_sha256[key] = sample_json_sha256(read())
         for key in keys:
             members = found.get(key, {})
             missing = [ext for ext in SAMPLE_MEMBERS if ext not in members]
@@ -157,8 +148,8 @@ def shuffled_keys(keys: list[str] | set[str], seed: int) -> list[str]:
     return [ordered[i] for i in permutation]
 
 
-def plan_shards(order: list[str], index: RawIndex, samples_per_shard: int, max_shard_bytes: int,
-                name_format: str = "shard-{:05d}.tar") -> list[ShardPlan]:
+def plan_shards(order: list[str], index: RawIndex, samples_per_shard: int,
+                max_shard_bytes: int) -> list[ShardPlan]:
     """Cut `order` into shards: a shard closes at `samples_per_shard` samples or when the next sample would
     push the finished archive past `max_shard_bytes` (a single sample larger than that gets a shard alone)."""
     plans: list[ShardPlan] = []
@@ -166,7 +157,7 @@ def plan_shards(order: list[str], index: RawIndex, samples_per_shard: int, max_s
     content = 0
 
     def close() -> None:
-        plans.append(ShardPlan(name_format.format(len(plans)), tuple(current), archive_bytes(content)))
+        plans.append(ShardPlan(shard_name(len(plans)), tuple(current), archive_bytes(content)))
 
     for key in order:
         size = index.samples[key].tar_bytes

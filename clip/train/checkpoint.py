@@ -9,9 +9,7 @@ started again with the same output resumes by itself.
 
 from __future__ import annotations
 
-import io
 import random
-import re
 from typing import Any
 
 import numpy as np
@@ -19,13 +17,10 @@ import torch
 
 from clip import storage
 from clip.config import StorageConfig
+from clip.formats.checkpoint import FINAL_NAME, checkpoint_bytes, parse_checkpoint, parse_step, step_name
 
-STEP_PATTERN = re.compile(r"step-(\d{8})\.pt$")
-FINAL_NAME = "final.pt"
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:08d}.pt"
+__all__ = ["FINAL_NAME", "latest_checkpoint", "list_step_checkpoints", "load_checkpoint_dict", "prune_checkpoints",
+           "rng_state", "save_checkpoint", "set_rng_state", "step_name"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,25 +49,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(uri: str, checkpoint: dict[str, Any], storage_cfg: StorageConfig | None = None) -> None:
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    storage.write_bytes(uri, buffer.getvalue(), storage_cfg)
+    storage.write_bytes(uri, checkpoint_bytes(checkpoint), storage_cfg)
 
 
 def load_checkpoint_dict(uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
-    data = storage.read_bytes(uri, storage_cfg)
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return parse_checkpoint(storage.read_bytes(uri, storage_cfg), uri)
 
 
 def list_step_checkpoints(output: str, storage_cfg: StorageConfig | None = None) -> list[tuple[int, str]]:
     """(step, uri) of the step checkpoints directly in `output`, oldest first."""
     found = []
     for info in storage.get_storage(output, storage_cfg).list(output):
-        name = info.uri.rstrip("/").rsplit("/", 1)[-1]
+        name = storage.basename(info.uri)
         rel = info.uri[len(output.rstrip("/")) + 1:] if info.uri.startswith(output.rstrip("/")) else name
-        match = STEP_PATTERN.match(name)
-        if match and "/" not in rel:
-            found.append((int(match.group(1)), info.uri))
+        step = parse_step(name)
+        if step is not None and "/" not in rel:
+            found.append((step, info.uri))
     return sorted(found)
 
 

@@ -15,7 +15,7 @@ A route is a list of `Reply`s played in order, one per request to that path; the
 
 Serve for a benchmark (prints the port on stdout, runs until killed):
 
-    python tests/webserver.py --host 127.0.0.1 --port 0
+    python tests/support/webserver.py --host 127.0.0.1 --port 0
 """
 
 from __future__ import annotations

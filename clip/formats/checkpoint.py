@@ -1,0 +1,55 @@
+"""Training checkpoints (docs/formats.md "Checkpoints"): names, keys, and their bytes.
+
+`step-NNNNNNNN.pt` every `train.checkpoint_every` steps and `final.pt` at the end, each a plain dict of tensors and
+primitive types, loadable with `torch.load(..., weights_only=True)`:
+- `MODEL_KEYS` (every checkpoint): `model` (state dict in clip.model's OpenAI layout), `model_config`
+  (`CLIPConfig.to_dict()`), `tokenizer` (`Tokenizer.to_json()`), `train_config` (the resolved train section);
+- `TRAINING_STATE_KEYS` (what a resume needs): optimizer, scheduler, step, samples_seen, data_state, rng,
+  data_version.
+A checkpoint is therefore self-contained: export and evaluation need nothing but its location. torch is imported
+only by the functions that need it, so reading names here stays light.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+from clip.formats.errors import FormatError
+
+STEP_PATTERN = re.compile(r"step-(\d{8})\.pt$")
+FINAL_NAME = "final.pt"
+MODEL_KEYS = ("model", "model_config", "tokenizer", "train_config")
+TRAINING_STATE_KEYS = ("optimizer", "scheduler", "step", "samples_seen", "data_state", "rng", "data_version")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+def parse_step(name: str) -> int | None:
+    """100 from `step-00000100.pt`; None for any other name (final.pt included)."""
+    match = STEP_PATTERN.match(name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def parse_checkpoint(data: bytes, uri: str = "checkpoint", require: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The checkpoint dict (weights only, on the CPU); FormatError naming `uri` when it lacks a required key."""
+    import torch
+
+    checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise FormatError(f"{uri}: not a clip-pipeline checkpoint (a {type(checkpoint).__name__}, not a dict)")
+    missing = [key for key in require if key not in checkpoint]
+    if missing:
+        raise FormatError(f"{uri}: checkpoint lacks key(s) {missing} (see docs/formats.md \"Checkpoints\")")
+    return checkpoint

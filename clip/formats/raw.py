@@ -1,0 +1,193 @@
+"""The raw pool: the collect stage's output, read by dedup and shard (docs/formats.md "Raw shards").
+
+Under `collect.output_dir` (a local folder or s3://bucket/prefix):
+
+    raw-00000.tar            per sample `{key}.jpg`, `{key}.json`, `{key}.txt` (byte-deterministic tar)
+    records/raw-00000.json   the shard's done-record (collect's restart bookkeeping)
+    candidates.parquet, query_counts.json, stats.json
+
+Each sample's `{key}.json` carries the sha256 of the JPEG bytes as stored, the 64-bit pHash as 16 hex digits, the
+image size and the caption: everything dedup needs, so dedup never decodes an image to find duplicates. A reader
+can rely on a raw shard being complete (it is visible under its final name only once written).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from clip import storage
+from clip.config import StorageConfig
+from clip.formats.errors import FormatError, MissingInputError
+from clip.formats.tar import (
+    DeterministicTarWriter,
+    TruncatedTarError,
+    iter_tar_members,
+    iter_tar_samples,
+    split_member_name,
+)
+from clip.imagehash import hex_to_int
+
+log = logging.getLogger(__name__)
+
+RAW_SHARD_PREFIX = "raw-"
+RECORDS_DIR = "records"
+CANDIDATES_NAME = "candidates.parquet"
+QUERY_COUNTS_NAME = "query_counts.json"
+STATS_NAME = "stats.json"
+# stats.json field: the side (pixels) of the built-in synthetic scenes, `collect.synthetic.image_size`. Dedup
+# renders the synthetic evaluation sets at this size, so it learns it from the pool rather than from collect's config.
+SYNTHETIC_IMAGE_SIZE_FIELD = "synthetic_image_size"
+DEFAULT_SYNTHETIC_IMAGE_SIZE = 64  # a pool without stats.json (not written by collect): the generator's default
+SAMPLE_MEMBERS = ("jpg", "json", "txt")  # what a raw sample carries, in the order written (sorted)
+SAMPLE_JSON_FIELDS = ("key", "url", "caption", "query", "source", "width", "height", "sha256", "phash")
+_REQUIRED_JSON_FIELDS = ("sha256", "phash", "width", "height")
+
+
+def raw_shard_name(index: int) -> str:
+    return f"{RAW_SHARD_PREFIX}{index:05d}.tar"
+
+
+def raw_record_name(index: int) -> str:
+    return f"{RAW_SHARD_PREFIX}{index:05d}.json"
+
+
+def raw_shard_index(name: str) -> int | None:
+    """5 from `raw-00005.tar` or `raw-00005.json`; None for any other name."""
+    if name.startswith(RAW_SHARD_PREFIX) and name.endswith((".tar", ".json")):
+        digits = name[len(RAW_SHARD_PREFIX):].split(".", 1)[0]
+        if digits.isdigit():
+            return int(digits)
+    return None
+
+
+def is_raw_shard_name(name: str) -> bool:
+    return name.startswith(RAW_SHARD_PREFIX) and name.endswith(".tar")
+
+
+@dataclass
+class RawSample:
+    key: str
+    jpeg: bytes
+    caption: str
+    meta: dict[str, Any]  # the {key}.json fields (SAMPLE_JSON_FIELDS)
+
+
+def write_raw_shard(stream: BinaryIO, samples: list[RawSample]) -> int:
+    """Write one raw shard's tar to `stream` (byte-deterministic); returns its size in bytes."""
+    writer = DeterministicTarWriter(stream)
+    for sample in samples:
+        writer.add_sample(sample.key, {
+            "jpg": sample.jpeg,
+            "txt": sample.caption.encode("utf-8"),
+            "json": json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
+        })
+    writer.close()
+    return writer.bytes_written
+
+
+def parse_sample_json(raw: bytes, shard: str, key: str) -> dict[str, Any]:
+    """A raw sample's `{key}.json`, checked for the fields dedup relies on; `phash_int` holds the pHash as int."""
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"raw shard {shard}: {key}.json is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise FormatError(f"raw shard {shard}: {key}.json is not an object")
+    missing = [f for f in _REQUIRED_JSON_FIELDS if f not in meta]
+    if missing:
+        raise FormatError(f"raw shard {shard}: {key}.json lacks field(s) {missing} (see docs/formats.md)")
+    try:
+        meta["phash_int"] = hex_to_int(str(meta["phash"]))
+    except ValueError as exc:
+        raise FormatError(f"raw shard {shard}: {key}.json has a bad phash: {exc}") from None
+    return meta
+
+
+def sample_json_sha256(raw: bytes) -> str | None:
+    """The `sha256` field of a raw sample's JSON member, or None when the member is unreadable or lacks it."""
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    value = meta.get("sha256") if isinstance(meta, dict) else None
+    return str(value) if value is not None else None
+
+
+def list_raw_shards(input_uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:
+    """URIs of every `raw-*.tar` directly under `input_uri`, sorted by name."""
+    if not storage.is_s3_uri(input_uri) and not Path(input_uri).is_dir():
+        raise MissingInputError(f"raw shard folder {input_uri} does not exist (run the collect stage first)")
+    found = []
+    for info in storage.list_objects(input_uri, storage_cfg):
+        name = storage.basename(info.uri)
+        if is_raw_shard_name(name) and storage.join(input_uri, name) == info.uri:  # not in a sub-folder
+            found.append(info.uri)
+    return sorted(found, key=storage.basename)
+
+
+def read_raw_shard_metadata(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[list[dict[str, Any]], int]:
+    """(each complete sample's JSON with "key" set from the member name, count of incomplete samples) of one
+    raw shard. Only the JSON members are read; images are skipped."""
+    name = storage.basename(uri)
+    complete: list[dict[str, Any]] = []
+    incomplete = 0
+    try:
+        with storage.open_read(uri, storage_cfg) as handle:
+            for key, members in iter_tar_samples(handle, want=lambda ext: ext == "json"):
+                if not all(m in members for m in SAMPLE_MEMBERS) or members["json"] is None:
+                    incomplete += 1
+                    continue
+                meta = parse_sample_json(members["json"], name, key)
+                meta["key"] = key
+                complete.append(meta)
+    except TruncatedTarError as exc:
+        raise FormatError(f"raw shard {uri} is truncated or corrupt ({exc}); run the collect stage again") from None
+    return complete, incomplete
+
+
+def iter_raw_images(uri: str, keys: set[str], storage_cfg: StorageConfig | None = None) -> Iterator[tuple[str, bytes]]:
+    """(key, JPEG bytes) of the samples of one raw shard whose key is in `keys`, in shard order; other
+    images are skipped unread. Raises FormatError naming the keys it did not find."""
+    wanted = set(keys)
+
+    def want(name: str) -> bool:
+        key, ext = split_member_name(name)
+        return ext == "jpg" and key in wanted
+
+    with storage.open_read(uri, storage_cfg) as handle:
+        for name, payload in iter_tar_members(handle, want):
+            if payload is not None:
+                key = split_member_name(name)[0]
+                wanted.discard(key)
+                yield key, payload
+    if wanted:
+        raise FormatError(f"raw shard {storage.basename(uri)}: no jpg member for {sorted(wanted)[:5]}")
+
+
+def read_raw_stats(input_uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, Any] | None:
+    """The pool's stats.json, or None when the pool has none (raw shards written by another tool)."""
+    uri = storage.join(input_uri, STATS_NAME)
+    if not storage.exists(uri, storage_cfg):
+        return None
+    try:
+        stats = json.loads(storage.read_bytes(uri, storage_cfg))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{uri} is not valid JSON: {exc}") from None
+    if not isinstance(stats, dict):
+        raise FormatError(f"{uri} is not a JSON object")
+    return stats
+
+
+def pool_synthetic_image_size(input_uri: str, storage_cfg: StorageConfig | None = None) -> int:
+    """The synthetic image size collect recorded in the pool's stats.json; the generator's default without one."""
+    stats = read_raw_stats(input_uri, storage_cfg) or {}
+    value = stats.get(SYNTHETIC_IMAGE_SIZE_FIELD, DEFAULT_SYNTHETIC_IMAGE_SIZE)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise FormatError(f"{storage.join(input_uri, STATS_NAME)}: {SYNTHETIC_IMAGE_SIZE_FIELD} must be a positive "
+                          f"integer, got {value!r}")
+    return value

@@ -1,0 +1,128 @@
+"""What a training run reports: per-step metrics, the run's final figures, and the result handed to callers.
+
+Guarantees:
+- MLflow (rank 0 only) gets, every `train.log_every` steps, the averages over the steps since the last log:
+  loss, lr, logit_scale, samples_per_s, data_wait_fraction, peak_memory_mb, corrupt_samples, nonfinite_steps;
+  at the end the run's final figures (finite numbers only) and `final.pt`, `tokenizer.json`, `metrics.json` as
+  artifacts under `checkpoint/`;
+- `train.output/metrics.json` (rank 0, written atomically, keys sorted) holds the final figures; a finished run
+  started again reports it back unchanged (`load_result`), and so does the launcher after a torchrun job;
+- `TrainResult` is what every caller gets, in one process or on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from clip import storage as storage_lib
+from clip.config import StorageConfig
+from clip.result import StageResult
+from clip.tokenizer import Tokenizer
+from clip.tracking import Tracker
+from clip.train.checkpoint import FINAL_NAME
+from clip.train.tokenizer_setup import TOKENIZER_NAME
+
+METRICS_NAME = "metrics.json"
+
+
+@dataclass(kw_only=True)
+class TrainResult(StageResult):
+    """metrics: the run's final figures (those of `train.output/metrics.json`); outputs: `checkpoint` (final.pt),
+    `tokenizer` (tokenizer.json) and `run_metrics` (metrics.json), all in `train.output`.
+    The fields are the figures later stages and tests read most."""
+
+    checkpoint: str  # URI of final.pt
+    tokenizer: str  # URI of tokenizer.json
+    data_version: str  # the manifest version trained on
+    steps: int  # the step the run ended at (== total_steps when it finished)
+    total_steps: int
+    resumed_from_step: int  # 0 for a fresh start
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any], output: str) -> TrainResult:
+        tokenizer = storage_lib.join(output, TOKENIZER_NAME)
+        return cls(
+            metrics=metrics,
+            outputs={"checkpoint": metrics["checkpoint"], "tokenizer": tokenizer,
+                     "run_metrics": storage_lib.join(output, METRICS_NAME)},
+            checkpoint=metrics["checkpoint"], tokenizer=tokenizer, data_version=metrics["data_version"],
+            steps=int(metrics["steps"]), total_steps=int(metrics["total_steps"]),
+            resumed_from_step=int(metrics["resumed_from_step"]),
+        )
+
+
+def load_result(output: str, storage: StorageConfig | None = None) -> TrainResult | None:
+    """The result a finished run left in `output` (its metrics.json), or None when there is none."""
+    uri = storage_lib.join(output, METRICS_NAME)
+    if not storage_lib.exists(uri, storage):
+        return None
+    return TrainResult.from_metrics(json.loads(storage_lib.read_bytes(uri, storage)), output)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last metric log; the logged figures are averages over them."""
+
+    loss_sum: float = 0.0  # over the steps with a finite loss
+    finite_steps: int = 0
+    steps: int = 0
+    wait_s: float = 0.0  # time spent waiting for the loader
+    start: float = field(default_factory=time.monotonic)
+
+    def metrics(self, *, lr: float, logit_scale: float, batch_size: int, device: torch.device,
+                corrupt_samples: int, nonfinite_steps: int) -> dict[str, float]:
+        elapsed = max(1e-9, time.monotonic() - self.start)
+        return {
+            "loss": self.loss_sum / self.finite_steps if self.finite_steps else float("nan"),
+            "lr": lr,
+            "logit_scale": logit_scale,
+            "samples_per_s": self.steps * batch_size / elapsed,
+            "data_wait_fraction": min(1.0, self.wait_s / elapsed),
+            "peak_memory_mb": peak_memory_mb(device),
+            "corrupt_samples": corrupt_samples,
+            "nonfinite_steps": nonfinite_steps,
+        }
+
+
+def write_run_outputs(tracker: Tracker, output: str, storage: StorageConfig, tokenizer: Tokenizer,
+                      metrics: dict[str, Any], step: int) -> None:
+    """Rank 0 at the end of a run: tokenizer.json (when not there yet), metrics.json, the final figures and the
+    artifacts to MLflow."""
+    tokenizer_uri = storage_lib.join(output, TOKENIZER_NAME)
+    if not storage_lib.exists(tokenizer_uri, storage):
+        storage_lib.write_bytes(tokenizer_uri, tokenizer.to_json().encode("utf-8"), storage)
+    storage_lib.write_bytes(storage_lib.join(output, METRICS_NAME),
+                            (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode("utf-8"), storage)
+    tracker.log_metrics({k: float(v) for k, v in metrics.items()
+                         if isinstance(v, int | float) and math.isfinite(float(v))}, step=step)
+    _log_artifacts(tracker, output, storage)
+
+
+def _log_artifacts(tracker: Tracker, output: str, storage: StorageConfig) -> None:
+    if not tracker.enabled:
+        return
+    names = (FINAL_NAME, TOKENIZER_NAME, METRICS_NAME)
+    if "://" not in output:
+        for name in names:
+            tracker.log_artifact(os.path.join(output, name), "checkpoint")
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # MLflow logs local files: bring the S3 objects here first
+        for name in names:
+            local = os.path.join(tmp, name)
+            storage_lib.download_file(storage_lib.join(output, name), local, storage)
+            tracker.log_artifact(local, "checkpoint")

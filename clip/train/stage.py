@@ -1,0 +1,199 @@
+"""The training stage: what every process runs (one process, or each rank under torchrun / srun).
+
+    from clip.train import stage
+    result = stage.run(cfg.train, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking,
+                       progress=progress, debug=cfg.debug)
+    result.checkpoint, result.tokenizer, result.metrics["final_loss"]
+
+A run: the manifest (clip/train/streams.py) -> the step schedule (schedule.py) -> the checkpoint to resume from,
+checked (resume.py) -> the tokenizer (tokenizer_setup.py) -> the model, wrapped, with its optimizer and restored
+state (resume.py, wrap.py) -> per step: this rank's part of the global batch (loader.py), one step (step.py), the
+metric window (report.py), the debug hooks (debug.py), a checkpoint every `train.checkpoint_every` steps
+(state.py) -> final.pt, tokenizer.json, metrics.json, MLflow (report.py).
+
+Guarantees: the same config and data give the same samples per step, the same checkpoints and the same weights
+whether the run went through in one go or was stopped and started again (any number of times, on any world size
+with the same `train.streams`); a finished run started again trains nothing and reports what it wrote. Progress
+goes through the progress protocol (clip.progress), from rank 0 only: task "train", done = step, total = the
+run's steps, detail "loss 1.432".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from clip import storage as storage_lib
+from clip.config import ComputeConfig, DebugConfig, StorageConfig, TrackingConfig, TrainConfig
+from clip.progress import Progress
+from clip.tracking import Tracker
+from clip.train.checkpoint import FINAL_NAME, prune_checkpoints, step_name
+from clip.train.debug import DebugHooks
+from clip.train.distributed import DistInfo, all_reduce_, barrier, cleanup, init_distributed
+from clip.train.loader import RankLoader, StreamConfig
+from clip.train.report import LogWindow, TrainResult, load_result, write_run_outputs
+from clip.train.resume import find_resume_point, resume_or_start
+from clip.train.schedule import plan_schedule
+from clip.train.state import DataPosition, save_training_state
+from clip.train.step import NonFiniteGuard, NonFiniteLossError, device_inputs, train_step
+from clip.train.streams import StreamPlan, read_manifest
+from clip.train.tokenizer_setup import setup_tokenizer
+
+__all__ = ["NonFiniteLossError", "TrainResult", "run"]
+
+PROGRESS_TASK = "train"
+
+
+def run(
+    cfg: TrainConfig, *, storage: StorageConfig, compute: ComputeConfig, tracking: TrackingConfig | None = None,
+    progress: Progress | None = None, debug: DebugConfig | None = None,
+) -> TrainResult:
+    """Run (or resume) training in this process; collective with the other ranks when under a launcher.
+
+    `compute.device` picks the device (the launcher options in `compute` are pipelines/train.py's business);
+    `tracking` None: no MLflow; `debug` None: no debug aids."""
+    info = init_distributed(compute.device)
+    try:
+        return _run(cfg, storage, compute, tracking or TrackingConfig(enabled=False), debug or DebugConfig(), info,
+                    progress if info.is_main else None)
+    finally:
+        cleanup(info)
+
+
+def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, tracking: TrackingConfig,
+         debug: DebugConfig, info: DistInfo, progress: Progress | None) -> TrainResult:
+    from clip.loss import ClipLoss
+    from clip.model import get_config
+
+    get_config(cfg.model, **cfg.model_overrides)  # an unknown model name is refused before any work starts
+    started = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+
+    manifest = read_manifest(cfg.data, storage)
+    schedule = plan_schedule(cfg, sum(s.samples for s in manifest.shards), info.world_size)
+    point = find_resume_point(cfg, storage, manifest.data_version, schedule)
+    if point.is_final and point.start_step == schedule.total_steps:
+        finished = load_result(cfg.output, storage)
+        if finished is not None:
+            return finished  # a finished run started again: nothing to train; report what it wrote
+    tokenizer = setup_tokenizer(cfg, storage, info, manifest, point.checkpoint)
+    state = resume_or_start(cfg, info, point, tokenizer, schedule, manifest.data_version)
+    loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=True)
+
+    per_rank = schedule.num_streams // info.world_size
+    rank_streams = tuple(range(info.rank * per_rank, (info.rank + 1) * per_rank))
+    stream_cfg = StreamConfig(
+        plan=StreamPlan(manifest.shards, schedule.num_streams, cfg.seed, cfg.resampled), chunk=schedule.chunk,
+        steps_per_epoch=schedule.steps_per_epoch, epochs=cfg.epochs, shuffle_buffer=cfg.shuffle_buffer,
+        image_size=state.image_size, tokenizer_json=tokenizer.to_json(), rank_streams=rank_streams,
+        start=state.data_state, gpu_decode=cfg.gpu_decode and info.device.type == "cuda",
+        storage_cfg=storage.model_dump(),
+    )
+    position = DataPosition(state.data_state, rank_streams, schedule.steps_per_epoch)
+    tracker = Tracker(tracking, active=info.is_main)
+    hooks = DebugHooks(debug, info.rank)
+    hooks.log_start(state.start_step)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and info.device.type == "cuda")
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, cfg.output)
+    counters = {"corrupt_samples": 0, "truncated_shards": 0}
+    window = LogWindow()
+    total_wait, loop_start = 0.0, time.monotonic()
+    last_loss = float("nan")
+    step = state.start_step
+
+    # A non-finite step skips optimizer.step() but not scheduler.step() (the step is spent): expected, not a bug.
+    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+    params_for_tracking = {"train": cfg.model_dump(mode="json"), "compute": compute.model_dump(mode="json"),
+                           "world_size": info.world_size, "total_steps": schedule.total_steps}
+    batches: Any = (batch for batch in ())  # a generator either way, so closing() below can stop the workers
+    if state.start_step < schedule.total_steps:
+        # Fork the DataLoader workers before this function starts threads (MLflow's asynchronous metric logging):
+        # a fork copies the locks such threads may hold, never the threads that would release them.
+        batches = RankLoader(stream_cfg, cfg.num_workers, pin_memory=info.device.type == "cuda").start()
+    if progress is not None:
+        progress(PROGRESS_TASK, state.start_step, schedule.total_steps)
+    with tracker.run("train", params=params_for_tracking,
+                     tags={"data_version": manifest.data_version, "resumed_from_step": str(state.start_step)}), \
+            contextlib.closing(batches):  # loader workers stop with the loop, on errors too
+        state.wrapped.forward_module.train()
+        wait_start = time.monotonic()
+        for batch in batches:
+            waited = time.monotonic() - wait_start
+            window.wait_s += waited
+            total_wait += waited
+            step = batch.epoch * schedule.steps_per_epoch + batch.step_in_epoch + 1
+            images, tokens, failed_decodes = device_inputs(batch, state.image_size, info.device)
+            counters["corrupt_samples"] += batch.corrupt + failed_decodes
+            counters["truncated_shards"] += batch.truncated
+            outcome = train_step(state, loss_fn, images, tokens, info, use_bf16=use_bf16,
+                                 poison=hooks.poisons(step))
+            guard.record(outcome.finite)
+            if outcome.finite:
+                last_loss = outcome.loss
+                window.loss_sum += last_loss
+                window.finite_steps += 1
+            position.advance(batch)
+            hooks.log_step(step, batch.keys)
+            guard.check(step)
+
+            window.steps += 1
+            if step % cfg.log_every == 0 or step == schedule.total_steps:
+                tracker.log_metrics(window.metrics(
+                    lr=state.scheduler.get_last_lr()[0], logit_scale=float(outcome.logit_scale),
+                    batch_size=cfg.batch_size, device=info.device, corrupt_samples=counters["corrupt_samples"],
+                    nonfinite_steps=guard.total), step=step)
+                window = LogWindow()
+            if progress is not None:
+                detail = f"loss {last_loss:.3f}" if math.isfinite(last_loss) else ""
+                progress(PROGRESS_TASK, step, schedule.total_steps, detail)
+            if step % cfg.checkpoint_every == 0 and step < schedule.total_steps:
+                data_state = position.global_state(batch.epoch, batch.step_in_epoch + 1, info)
+                step_uri = storage_lib.join(cfg.output, step_name(step))
+                if save_training_state(state, step_uri, step, data_state, info, storage):
+                    prune_checkpoints(cfg.output, cfg.keep_checkpoints, storage)
+                barrier(info)
+            if step >= schedule.total_steps:
+                break
+            hooks.after_step()
+            wait_start = time.monotonic()
+        del batches  # stops the workers
+
+        # totals over ranks, for metrics
+        totals = torch.tensor([counters["corrupt_samples"], counters["truncated_shards"]], dtype=torch.long)
+        all_reduce_(totals, info)
+        elapsed_loop = max(1e-9, time.monotonic() - loop_start)
+        trained_steps = step - state.start_step
+        final_uri = storage_lib.join(cfg.output, FINAL_NAME)
+        if trained_steps > 0 or not point.is_final:
+            data_state = position.global_state(position.epoch, schedule.steps_per_epoch, info)
+            save_training_state(state, final_uri, step, data_state, info, storage)
+        metrics = {
+            "steps": step,
+            "trained_steps_this_run": trained_steps,
+            "resumed_from_step": state.start_step,
+            "total_steps": schedule.total_steps,
+            "samples_seen": step * cfg.batch_size,
+            "final_loss": last_loss,
+            "corrupt_samples": int(totals[0]),
+            "truncated_shards": int(totals[1]),
+            "nonfinite_steps": guard.total,
+            "samples_per_s": trained_steps * cfg.batch_size / elapsed_loop,
+            "data_wait_fraction": min(1.0, total_wait / elapsed_loop),
+            "elapsed_s": time.monotonic() - started,
+            "world_size": info.world_size,
+            "data_version": manifest.data_version,
+            "checkpoint": final_uri,
+        }
+        if info.is_main:
+            write_run_outputs(tracker, cfg.output, storage, tokenizer, metrics, step)
+        barrier(info)
+    return TrainResult.from_metrics(metrics, cfg.output)

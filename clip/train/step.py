@@ -1,0 +1,93 @@
+"""One training step: inputs to the device, forward, global-batch loss, the non-finite guard, backward, AdamW and
+learning-rate step.
+
+Guarantees:
+- bf16 autocast on GPU (`train.precision` auto or bf16), fp32 otherwise; the contrastive loss is computed in fp32
+  over the features of the whole global batch (all-gathered across ranks, clip.loss.ClipLoss);
+- the weights are updated only if the loss is finite on EVERY rank (an all-reduced MIN), so ranks never diverge;
+  a skipped step still advances the learning-rate schedule and the data (the step is spent, and counted);
+- `train.max_nonfinite_steps` skipped steps in a row raise NonFiniteLossError (`NonFiniteGuard`); nothing is
+  written on the way out, so the newest checkpoint stays the last good state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from clip.train.distributed import DistInfo, all_reduce_
+from clip.train.gpu_decode import gpu_decode_batch
+from clip.train.loader import Batch
+from clip.train.state import TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; the newest checkpoint is the last good state."""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    finite: bool  # the loss was finite on every rank and the weights were updated
+    loss: float  # this rank's loss; nan when the step was skipped
+    logit_scale: torch.Tensor  # [] detached, on the device: read (a device sync) only when metrics are logged
+
+
+def device_inputs(batch: Batch, image_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(images [n, 3, S, S], tokens [n, ctx], JPEGs that failed to decode) on `device`. With `train.gpu_decode`
+    the loader hands JPEG bytes, decoded here by nvjpeg (decode_jpeg reads the bytes on the CPU)."""
+    if isinstance(batch.images, list):
+        images, failed = gpu_decode_batch(batch.images, image_size, device)
+    else:
+        images, failed = batch.images.to(device, non_blocking=True), 0
+    return images, batch.tokens.to(device, non_blocking=True), failed
+
+
+def train_step(state: TrainState, loss_fn: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+               info: DistInfo, *, use_bf16: bool, poison: bool = False) -> StepOutcome:
+    """One optimisation step on this rank's part of the global batch (collective: every rank calls it).
+    `poison` makes the loss NaN (debug.fault_nonfinite_steps)."""
+    wrapped = state.wrapped
+    with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        out = wrapped.forward_module(images, tokens)
+        loss = loss_fn(out.image_features.float(), out.text_features.float(), out.logit_scale.float())
+    if poison:
+        loss = loss * float("nan")
+    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+    all_reduce_(finite, info, dist.ReduceOp.MIN)
+    update = bool(finite.item())
+    loss_value = math.nan
+    if update:
+        loss.backward()
+        wrapped.sync_replicated_grads(info.world_size)
+        state.optimizer.step()
+        loss_value = float(loss.detach())
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    return StepOutcome(finite=update, loss=loss_value, logit_scale=out.logit_scale.detach())
+
+
+class NonFiniteGuard:
+    """Counts skipped steps; stops the run after `limit` in a row."""
+
+    def __init__(self, limit: int, output: str) -> None:
+        self.limit, self.output = limit, output
+        self.in_a_row = 0
+        self.total = 0
+
+    def record(self, finite: bool) -> None:
+        if finite:
+            self.in_a_row = 0
+        else:
+            self.in_a_row += 1
+            self.total += 1
+
+    def check(self, step: int) -> None:
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLossError(
+                f"{self.in_a_row} consecutive non-finite losses (train.max_nonfinite_steps = {self.limit}) at step "
+                f"{step}; stopped. The newest checkpoint in {self.output} is the last good state: lower train.lr "
+                "or check the data, then rerun to resume."
+            )

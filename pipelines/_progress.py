@@ -1,0 +1,32 @@
+"""The terminal display of the progress protocol (clip.progress): one Rich bar per task, on stderr.
+
+The library only calls `progress(task, done, total, detail)`; this module is the one place that draws it, so
+`clip/` never imports Rich for display and stays usable without a terminal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
+from clip.progress import Progress
+
+
+@contextmanager
+def rich_progress(console: Console | None = None) -> Iterator[Progress]:
+    """Yields a `Progress` that draws each distinct task as a bar: "task  ━━━━  done/total  detail  elapsed"."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
+    with RichProgress(*columns, console=console or Console(stderr=True), transient=False) as bars:
+        tasks: dict[str, TaskID] = {}
+
+        def update(task: str, done: int, total: int, detail: str = "") -> None:
+            if task not in tasks:
+                tasks[task] = bars.add_task(task, total=total, detail=detail)
+            bars.update(tasks[task], completed=done, total=total, detail=detail)
+
+        yield update
