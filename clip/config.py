@@ -348,8 +348,8 @@ class TrainConfig(Section):
     lr: PositiveFloat = Field(1e-3, description="peak learning rate (AdamW), after warm-up, then cosine decay")
     weight_decay: Annotated[float, Field(ge=0)] = Field(
         0.2, description="AdamW weight decay; gains, biases, embeddings and the logit scale are not decayed")
-    beta1: Fraction = Field(0.9, description="AdamW beta1")
-    beta2: Fraction = Field(0.98, description="AdamW beta2")
+    beta1: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="AdamW beta1, in [0, 1)")
+    beta2: Annotated[float, Field(ge=0, lt=1)] = Field(0.98, description="AdamW beta2, in [0, 1)")
     eps: PositiveFloat = Field(1e-6, description="AdamW epsilon")
     warmup_steps: NonNegativeInt = Field(20, description="steps of linear learning-rate warm-up")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -385,6 +385,17 @@ class TrainConfig(Section):
     def _resampled_needs_epoch_size(self) -> TrainConfig:
         if self.resampled and self.samples_per_epoch is None:
             raise ValueError("train.resampled is true but train.samples_per_epoch is not set")
+        return self
+
+    @model_validator(mode="after")
+    def _context_length_agrees_with_tokenizer(self) -> TrainConfig:
+        # The text tower's positional table and the tokenizer's padded length must be one number; a mismatch
+        # used to surface only at step 1 as a shape error.
+        override = self.model_overrides.get("context_length")
+        if override is not None and override != self.tokenizer.context_length:
+            raise ValueError(f"train.model_overrides.context_length is {override!r} but "
+                             f"train.tokenizer.context_length is {self.tokenizer.context_length}; set both to the "
+                             "same value")
         return self
 
 

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
@@ -56,9 +57,27 @@ def parse_stage_args(argv: list[str] | None, description: str) -> PipelineConfig
     return load_stage_config(args.params, args.overrides)
 
 
+_OUR_PACKAGES = tuple(str(Path(module.__file__).resolve().parent) + os.sep
+                      for module in (importlib.import_module("clip"), importlib.import_module("pipelines")))
+
+
+def raised_by_our_code(err: BaseException) -> bool:
+    """Whether the innermost frame of `err`'s traceback lies in clip/ or pipelines/ (not in a library)."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_OUR_PACKAGES)
+
+
 def is_user_error(err: BaseException) -> bool:
-    """The errors this project raises for bad input: its own exception classes, and ValueError."""
-    return isinstance(err, ValueError) or type(err).__module__.split(".")[0] == "clip"
+    """Bad input, reported in one line: an exception class of this project (clip.*: MissingInputError,
+    FormatError, ConfigError, ...), or a ValueError raised by our own code. A ValueError raised inside a
+    third-party library is a bug to see whole: it keeps its traceback."""
+    if type(err).__module__.split(".")[0] == "clip":
+        return True
+    return isinstance(err, ValueError) and raised_by_our_code(err)
 
 
 @contextmanager

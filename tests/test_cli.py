@@ -90,3 +90,27 @@ def test_cli_and_stage_module_share_one_error_path(tmp_path: Path) -> None:
     assert errors[0] == errors[1] and len(errors[0]) == 1
     assert errors[0][0].startswith("error: shard: MissingInputError:") and "keep.parquet" in errors[0][0]
     assert not (tmp_path / "reports").exists()  # a failed stage writes no metrics
+
+
+def test_a_library_value_error_keeps_its_traceback_ours_is_one_line(tmp_path: Path) -> None:
+    """Bad input found by our code is one line; a ValueError raised inside a library (here the standard json
+    module) is a bug to see whole, so its traceback is not hidden (issue 11.8)."""
+    library = subprocess.run(
+        [sys.executable, "-c", "import json; from pipelines._common import stage_main; "
+         "stage_main('x', lambda cfg, progress: json.loads('{not json'))"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert library.returncode == 1
+    assert "Traceback" in library.stderr and "JSONDecodeError" in library.stderr
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "dedup").mkdir()
+    (tmp_path / "raw").mkdir()
+    empty = pa.table({"key": pa.array([], pa.string()), "shard": pa.array([], pa.string()),
+                      "sha256": pa.array([], pa.string())})
+    pq.write_table(empty, tmp_path / "dedup" / "keep.parquet")
+    ours = run_cli("shard", "--set", f"shard.dedup_dir={tmp_path / 'dedup'}", "--set",
+                   f"shard.input_dir={tmp_path / 'raw'}", "--set", f"shard.output={tmp_path / 'out'}", cwd=tmp_path)
+    assert ours.returncode == 1 and "Traceback" not in ours.stderr, ours.stderr
+    assert "error: shard: ValueError:" in ours.stderr and "nothing to shard" in ours.stderr

@@ -86,6 +86,12 @@ def test_dump_round_trips(tmp_path: Path) -> None:
         ("train.tokenizer.kind=clip_bpe", ["train.tokenizer.bpe_path"]),
         ("compute.rdzv_endpoint=head-node", ["compute.rdzv_endpoint", "host:port", "'head-node'"]),
         ("compute.rdzv_endpoint=head:99999", ["compute.rdzv_endpoint", "'head:99999'"]),
+        # AdamW divides by 1 - beta**t: beta = 1 is a division by zero at every step (issue 11.9)
+        ("train.beta1=1", ["train.beta1", "less than 1", "1"]),
+        ("train.beta2=1.0", ["train.beta2", "less than 1", "1.0"]),
+        # refused when the config is read, not as a shape error at step 1
+        ("train.model_overrides={context_length: 32}",
+         ["train.model_overrides.context_length", "32", "train.tokenizer.context_length", "77"]),
     ],
 )
 def test_refusals_name_key_and_value(override: str, expected: list[str]) -> None:
