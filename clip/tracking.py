@@ -89,17 +89,38 @@ class Tracker:
                 raise
             return experiment.experiment_id
 
+    def _resumable(self, run_id: str | None) -> bool:
+        """Whether `run_id` names a run of this experiment in this store (a resume continues it)."""
+        if not run_id:
+            return False
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.experiment_id == self.experiment_id
+        except MlflowException:  # another tracking store, or the run was deleted: start a new one
+            return False
+
     def start(self, run_name: str, params: Mapping[str, Any] | None = None,
-              tags: Mapping[str, str | None] | None = None) -> str | None:
+              tags: Mapping[str, str | None] | None = None, resume_run_id: str | None = None) -> str | None:
+        """Open the run: a new one, or, when `resume_run_id` names a run of this experiment (a training run
+        resumed from its checkpoint), that run again, so its metrics continue on one curve. A continued run
+        keeps the params it was started with (MLflow params are immutable); the tags are updated."""
         if not self.enabled:
             return None
-        from mlflow.entities import Param
+        from mlflow.entities import Param, RunStatus
 
         self.experiment_id = self.ensure_experiment()
         # The commit of the code that runs (this package's checkout), not of wherever the command was started.
         all_tags = {"git_commit": git_commit(Path(__file__).resolve().parent)}
         all_tags.update(tags or {})
         clean_tags = {k: str(v) for k, v in all_tags.items() if v is not None}
+        if self._resumable(resume_run_id):
+            assert resume_run_id is not None
+            self.run_id = resume_run_id
+            self.client.update_run(resume_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            for key, value in clean_tags.items():
+                self.client.set_tag(resume_run_id, key, value)
+            return self.run_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=clean_tags)
         self.run_id = run.info.run_id
         flat = list(flatten_params(params or {}).items())
@@ -149,9 +170,9 @@ class Tracker:
 
     @contextlib.contextmanager
     def run(self, run_name: str, params: Mapping[str, Any] | None = None,
-            tags: Mapping[str, str | None] | None = None) -> Iterator[Tracker]:
+            tags: Mapping[str, str | None] | None = None, resume_run_id: str | None = None) -> Iterator[Tracker]:
         """`with tracker.run(...)`: the run ends FINISHED, or FAILED when the body raises."""
-        self.start(run_name, params, tags)
+        self.start(run_name, params, tags, resume_run_id)
         try:
             yield self
         except BaseException:

@@ -5,7 +5,7 @@ primitive types, loadable with `torch.load(..., weights_only=True)`:
 - `MODEL_KEYS` (every checkpoint): `model` (state dict in clip.model's OpenAI layout), `model_config`
   (`CLIPConfig.to_dict()`), `tokenizer` (`Tokenizer.to_json()`), `train_config` (the resolved train section);
 - `TRAINING_STATE_KEYS` (what a resume needs): optimizer, scheduler, step, samples_seen, data_state, rng,
-  data_version.
+  data_version; `mlflow_run_id`, the MLflow run a resume continues.
 A checkpoint is therefore self-contained: export and evaluation need nothing but its location. torch is imported
 only by the functions that need it, so reading names here stays light.
 """
@@ -22,6 +22,7 @@ STEP_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 FINAL_NAME = "final.pt"
 MODEL_KEYS = ("model", "model_config", "tokenizer", "train_config")
 TRAINING_STATE_KEYS = ("optimizer", "scheduler", "step", "samples_seen", "data_state", "rng", "data_version")
+MLFLOW_RUN_KEY = "mlflow_run_id"  # the MLflow run that trained it (None without tracking): a resume continues it
 
 
 def step_name(step: int) -> str:

@@ -32,6 +32,7 @@ import torch
 
 from clip import storage as storage_lib
 from clip.config import ComputeConfig, DebugConfig, StorageConfig, TrackingConfig, TrainConfig
+from clip.formats.checkpoint import MLFLOW_RUN_KEY
 from clip.progress import Progress
 from clip.tracking import Tracker
 from clip.train.checkpoint import FINAL_NAME, prune_checkpoints, step_name
@@ -121,9 +122,12 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
         batches = RankLoader(stream_cfg, cfg.num_workers, pin_memory=info.device.type == "cuda").start()
     if progress is not None:
         progress(PROGRESS_TASK, state.start_step, schedule.total_steps)
+    resume_run_id = point.checkpoint.get(MLFLOW_RUN_KEY) if point.checkpoint else None
     with tracker.run("train", params=params_for_tracking,
-                     tags={"data_version": manifest.data_version, "resumed_from_step": str(state.start_step)}), \
+                     tags={"data_version": manifest.data_version, "resumed_from_step": str(state.start_step)},
+                     resume_run_id=resume_run_id), \
             contextlib.closing(batches):  # loader workers stop with the loop, on errors too
+        state.mlflow_run_id = tracker.run_id
         state.wrapped.forward_module.train()
         wait_start = time.monotonic()
         for batch in batches:

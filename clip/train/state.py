@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from clip.config import StorageConfig
+from clip.formats.checkpoint import MLFLOW_RUN_KEY
 from clip.tokenizer import Tokenizer
 from clip.train.checkpoint import rng_state, save_checkpoint
 from clip.train.distributed import DistInfo, all_reduce_
@@ -77,6 +78,7 @@ class TrainState:
     data_version: str
     start_step: int
     data_state: DataState
+    mlflow_run_id: str | None = None  # set once the tracking run is open; saved so a resume continues it
 
     @property
     def image_size(self) -> int:
@@ -96,6 +98,7 @@ class TrainState:
             "data_state": data_state.to_dict(),
             "rng": rng_state(),
             "data_version": self.data_version,
+            MLFLOW_RUN_KEY: self.mlflow_run_id,
         }
 
 
