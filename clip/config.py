@@ -102,7 +102,7 @@ class ComputeConfig(Section):
     """Devices, processes and the Dask cluster the stages run on."""
 
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "cpu", description="training device: auto (CUDA when available, else CPU), cpu, or cuda (refused without one)")
+        "auto", description="training device: auto (CUDA when available, else CPU), cpu, or cuda (refused without one)")
     nproc_per_node: PositiveInt = Field(
         1, description="training processes per node (torchrun --nproc-per-node); more than one process in all "
                     "makes the train stage launch torchrun")
@@ -280,7 +280,9 @@ class DedupConfig(Section):
     near_duplicates: bool = Field(True, description="remove near-duplicate images (pHash within near_dup_threshold)")
     eval_dirs: list[str] = Field(
         default_factory=list, description="evaluation image folders to decontaminate against")
-    decontaminate_synthetic: bool = Field(True, description="also the built-in synthetic evaluation sets")
+    decontaminate_synthetic: bool | None = Field(
+        None, description="also decontaminate against the built-in synthetic evaluation sets; null: only when the "
+                          "raw pool came from the synthetic source (its stats.json says so)")
     use_dask: bool = Field(
         False, description="partition the near-duplicate search over a Dask cluster (compute section)")
     report_examples: PositiveInt = Field(

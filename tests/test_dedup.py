@@ -391,7 +391,8 @@ def test_synthetic_image_size_comes_from_the_pool(tmp_path: Path, monkeypatch: p
     write_raw_shards(tmp_path / "raw", samples, per_shard=3)
     sizes_rendered: list[int] = []
     monkeypatch.setattr(dedup_passes, "synthetic_eval_sets", lambda image_size: sizes_rendered.append(image_size) or [])
-    cfg = DedupConfig(input_dir=str(tmp_path / "raw"), output_dir=str(tmp_path / "dedup"))
+    cfg = DedupConfig(input_dir=str(tmp_path / "raw"), output_dir=str(tmp_path / "dedup"),
+                      decontaminate_synthetic=True)
     run_dedup(cfg)
     (tmp_path / "raw" / STATS_NAME).write_text(json.dumps({"shards": 2, SYNTHETIC_IMAGE_SIZE_FIELD: 48}))
     run_dedup(cfg)
@@ -399,3 +400,73 @@ def test_synthetic_image_size_comes_from_the_pool(tmp_path: Path, monkeypatch: p
     (tmp_path / "raw" / STATS_NAME).write_text(json.dumps({SYNTHETIC_IMAGE_SIZE_FIELD: "big"}))
     with pytest.raises(FormatError, match=SYNTHETIC_IMAGE_SIZE_FIELD):
         pool_synthetic_image_size(str(tmp_path / "raw"))
+
+
+def _sepia(image):
+    from PIL import ImageOps
+
+    return ImageOps.colorize(image.convert("L"), (40, 26, 13), (255, 240, 192))
+
+
+def _tinted(image):
+    from PIL import Image
+
+    return Image.blend(image, Image.new("RGB", image.size, (0, 90, 200)), 0.35)
+
+
+def test_decontamination_removes_transformed_copies_of_evaluation_images(tmp_path: Path) -> None:
+    """Recall first for evaluation overlap (issue 11.6): grayscale, sepia, tinted, re-encoded, resized, 2%-cropped
+    and mirrored copies of evaluation images are removed (>= 99%), unrelated images are not. Before: the colour
+    check rejected most grayscale / sepia / tinted copies and pHash alone missed mirrors and many crops."""
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    eval_dir = tmp_path / "eval" / "photos"
+    eval_dir.mkdir(parents=True)
+    originals = [random_scene(rng, (160, 128)) for _ in range(32)]
+    for i, image in enumerate(originals):
+        image.save(eval_dir / f"{i:03d}.png")
+    transforms = {
+        "grayscale": lambda im: im.convert("L").convert("RGB"), "sepia": _sepia, "tinted": _tinted,
+        "quality30": lambda im: reencode(im, 30), "half": lambda im: resized(im, 0.5),
+        "double": lambda im: resized(im, 2.0), "crop2": lambda im: cropped(im, 0.02),
+        "mirrored": lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+    }
+    samples, planted = [], set()
+    for i, image in enumerate(originals):
+        for name, transform in transforms.items():
+            key = f"{len(samples):09d}"
+            samples.append((key, sample_record(key, transform(image), f"copy {name} {i}")))
+            planted.add(key)
+    unrelated = set()
+    for i in range(200):
+        key = f"{len(samples):09d}"
+        samples.append((key, sample_record(key, random_scene(rng, (160, 128)), f"unrelated {i}")))
+        unrelated.add(key)
+    write_raw_shards(tmp_path / "raw", samples, per_shard=100)
+    cfg = DedupConfig(input_dir=str(tmp_path / "raw"), output_dir=str(tmp_path / "dedup"),
+                      eval_dirs=[str(eval_dir)], decontaminate_synthetic=False, near_duplicates=False)
+    result = run_dedup(cfg)
+    removed = {k for k, r in zip(result.keys, result.reason, strict=True) if r == "eval_overlap"}
+    missed = sorted(planted - removed)
+    assert len(planted & removed) >= 0.99 * len(planted), f"missed {len(missed)}: {missed[:10]}"
+    assert not removed & unrelated
+    report = result.overlap_report["photos"]
+    assert report["eval_images"] == 32 and report["eval_images_matched"] == 32 and report["color_rejected"] == 0
+
+
+@pytest.mark.parametrize("source, expected", [("synthetic", True), ("table", False), (None, False)])
+def test_synthetic_decontamination_defaults_to_synthetic_pools(tmp_path: Path, source: str | None,
+                                                               expected: bool) -> None:
+    """dedup.decontaminate_synthetic (null by default) checks the built-in synthetic sets only for a pool the
+    synthetic source made (issue 11.6); before, a web pool was checked against them too."""
+    rng = np.random.default_rng(3)
+    samples = [(f"{i:09d}", sample_record(f"{i:09d}", random_scene(rng, (64, 48)), f"c {i}")) for i in range(6)]
+    write_raw_shards(tmp_path / "raw", samples, per_shard=6)
+    if source is not None:
+        (tmp_path / "raw" / STATS_NAME).write_text(json.dumps({"source": source}))
+    cfg = config_from_dict({"dedup": {"input_dir": str(tmp_path / "raw"),
+                                      "output_dir": str(tmp_path / "dedup")}}).dedup
+    assert cfg.decontaminate_synthetic is None
+    metrics = run_dedup(cfg).metrics
+    assert any(name.startswith("synthetic/") for name in metrics["eval_sets"]) is expected

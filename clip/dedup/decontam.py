@@ -31,14 +31,50 @@ SYNTHETIC_EVAL_SIZE = 1000
 
 @dataclass
 class EvalSet:
-    """One evaluation dataset's image hashes: `ids[i]` (relative path or index) has hash `hashes[i]`."""
+    """One evaluation dataset's image hashes. Row `r` of `hashes` belongs to image `image_of[r]`, whose id
+    (relative path or index) is `ids[image_of[r]]`: an image can have several rows (its mirror, small crops).
+
+    `color_check`: whether a pHash match must also pass the colour check. Real evaluation images favour recall
+    (a grayscale, sepia or tinted copy is still the test image): no check. The synthetic sets keep it: their
+    held-out colour x shape combinations share layouts with training scenes in other colours by design."""
 
     name: str
     ids: list[str]
-    hashes: np.ndarray  # [n] uint64
+    hashes: np.ndarray  # [rows] uint64
     source: str  # folder path or "synthetic"
-    signatures: np.ndarray = field(default_factory=lambda: np.empty((0, SIGNATURE_LENGTH), np.float32))  # [n, 192]
+    signatures: np.ndarray = field(default_factory=lambda: np.empty((0, SIGNATURE_LENGTH), np.float32))  # [rows, 192]
     unreadable: list[str] = field(default_factory=list)
+    image_of: np.ndarray | None = None  # [rows] int64; None: one row per image
+    color_check: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_of is None:
+            self.image_of = np.arange(self.hashes.size, dtype=np.int64)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.ids)
+
+
+# Crops of the evaluation side that pHash alone would miss on the training side: 2% and 4% in total from the
+# centre, and 2% from one edge at a time, each of the image and of its mirror (14 hashes per image).
+CENTRE_CROPS = (0.02, 0.04)
+EDGE_CROP = 0.02
+
+
+def hash_variants(image: Image.Image) -> list[Image.Image]:
+    """The image, its mirror, and small crops of both: what a training copy of an evaluation image often is."""
+    variants = []
+    for base in (image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
+        w, h = base.size
+        variants.append(base)
+        for fraction in CENTRE_CROPS:
+            dx, dy = round(w * fraction / 2), round(h * fraction / 2)
+            variants.append(base.crop((dx, dy, w - dx, h - dy)))
+        dx, dy = max(1, round(w * EDGE_CROP)), max(1, round(h * EDGE_CROP))
+        variants += [base.crop((dx, 0, w, h)), base.crop((0, 0, w - dx, h)),
+                     base.crop((0, dy, w, h)), base.crop((0, 0, w, h - dy))]
+    return variants
 
 
 def hash_image_folder(folder: str | Path, name: str | None = None,
@@ -50,23 +86,25 @@ def hash_image_folder(folder: str | Path, name: str | None = None,
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     ids: list[str] = []
     hashes: list[int] = []
-    signatures: list[np.ndarray] = []
+    image_of: list[int] = []
     unreadable: list[str] = []
     for done, path in enumerate(paths, start=1):
         rel = path.relative_to(root).as_posix()
         try:
             with Image.open(path) as image:
                 rgb = image.convert("RGB")
-            hashes.append(phash64(rgb))
-            signatures.append(color_signature(rgb))
-            ids.append(rel)
+            variant_hashes = [phash64(variant) for variant in hash_variants(rgb)]
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             unreadable.append(rel)
             log.warning("evaluation image %s is unreadable, skipped: %s", path, exc)
+        else:
+            hashes += variant_hashes
+            image_of += [len(ids)] * len(variant_hashes)
+            ids.append(rel)
         if progress is not None:
             progress(done, len(paths))
     return EvalSet(name=name or root.name, ids=ids, hashes=np.array(hashes, dtype=np.uint64), source=str(root),
-                   signatures=_stack(signatures), unreadable=unreadable)
+                   unreadable=unreadable, image_of=np.array(image_of, dtype=np.int64), color_check=False)
 
 
 def _stack(signatures: list[np.ndarray]) -> np.ndarray:
@@ -116,16 +154,20 @@ def find_overlap(train_hashes: np.ndarray, train_keys: list[str], eval_sets: lis
                  max_examples: int, confirm: ConfirmFn | None = None) -> OverlapResult:
     """Training indices within `threshold` of any evaluation image, and the per-dataset overlap report.
 
-    `confirm`: optional second check of each pHash match (the colour signature); rejected matches do not count.
+    `confirm`: optional second check of each pHash match (the colour signature), applied to the sets whose
+    `color_check` is on; rejected matches do not count. Matches are reported per evaluation image (a match to
+    any of an image's variant hashes is a match to the image).
     """
     removed: dict[int, tuple[str, int]] = {}
     report: dict[str, dict[str, Any]] = {}
     for eval_set in eval_sets:
         train_idx, eval_idx, distance = find_cross_pairs(train_hashes, eval_set.hashes, threshold)
         phash_matches = int(train_idx.size)
-        if confirm is not None and train_idx.size:
+        if confirm is not None and eval_set.color_check and train_idx.size:
             keep = confirm(train_idx, eval_set.signatures[eval_idx])
             train_idx, eval_idx, distance = train_idx[keep], eval_idx[keep], distance[keep]
+        assert eval_set.image_of is not None
+        eval_idx = eval_set.image_of[eval_idx]  # hash row -> evaluation image
         # Closest evaluation match per training image: sort by (train, distance, eval) and keep the first row.
         order = np.lexsort((eval_idx, distance, train_idx))
         train_idx, eval_idx, distance = train_idx[order], eval_idx[order], distance[order]
@@ -146,9 +188,10 @@ def find_overlap(train_hashes: np.ndarray, train_keys: list[str], eval_sets: lis
         ]
         report[eval_set.name] = {
             "matched": int(matched_train.size),  # training pairs within the threshold of this dataset
-            "eval_images": int(eval_set.hashes.size),
+            "eval_images": eval_set.num_images,
             "eval_images_matched": int(np.unique(eval_idx).size),
-            "overlap_fraction": float(np.unique(eval_idx).size / eval_set.hashes.size) if eval_set.hashes.size else 0.0,
+            "overlap_fraction": float(np.unique(eval_idx).size / eval_set.num_images) if eval_set.num_images else 0.0,
+            "color_check": eval_set.color_check,
             "threshold": threshold,
             "phash_matches": phash_matches,  # (train, eval) pairs within the threshold before the colour check
             "color_rejected": phash_matches - int(train_idx.size),

@@ -21,7 +21,7 @@ import time
 from clip.config import ComputeConfig, DedupConfig, StorageConfig, TrackingConfig
 from clip.dedup.dedup import DedupResult, deduplicate, load_eval_sets, write_outputs
 from clip.dedup.pool import read_pool_metadata
-from clip.formats.raw import pool_synthetic_image_size
+from clip.formats.raw import pool_source, pool_synthetic_image_size
 from clip.progress import Progress, for_task
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ def run(
     read_s = time.monotonic() - tick
     # The synthetic evaluation sets must be rendered at the size collect rendered the pool's scenes at: collect
     # records it in the pool's stats.json, so dedup needs nothing of collect's config.
+    if cfg.decontaminate_synthetic is None:  # auto: the synthetic sets matter only for a synthetic pool
+        cfg = cfg.model_copy(update={"decontaminate_synthetic": pool_source(cfg.input_dir, storage) == "synthetic"})
     eval_sets = load_eval_sets(cfg, pool_synthetic_image_size(cfg.input_dir, storage), progress)
     result = deduplicate(pool, cfg, eval_sets, compute=compute, progress=progress, storage_cfg=storage)
     result.metrics["read_seconds"] = read_s

@@ -183,6 +183,12 @@ def read_raw_stats(input_uri: str, storage_cfg: StorageConfig | None = None) -> 
     return stats
 
 
+def pool_source(input_uri: str, storage_cfg: StorageConfig | None = None) -> str | None:
+    """The candidate source collect recorded in the pool's stats.json (synthetic, table, ...), or None."""
+    source = (read_raw_stats(input_uri, storage_cfg) or {}).get("source")
+    return source if isinstance(source, str) else None
+
+
 def pool_synthetic_image_size(input_uri: str, storage_cfg: StorageConfig | None = None) -> int:
     """The synthetic image size collect recorded in the pool's stats.json; the generator's default without one."""
     stats = read_raw_stats(input_uri, storage_cfg) or {}
