@@ -161,7 +161,7 @@ def test_explain_lists_every_key_with_type_default_current_value_and_description
     assert head == "train.batch_size  [int > 0]  default: 64"  # equal to the default: no current value shown
     assert "global batch" in description
     head, _ = heads["compute.device"]
-    assert head == "compute.device  ['auto' | 'cpu' | 'cuda']  default: cpu"
+    assert head == "compute.device  ['auto' | 'cpu' | 'cuda']  default: auto"
     head, _ = heads["shard.output"]
     assert head == "shard.output  [str (path or s3:// URL)]  default: data/shards"
     head, description = heads["debug.fault_nonfinite_steps"]

@@ -4,12 +4,16 @@
 primitive types (loadable with `torch.load(..., weights_only=True)`), serialised into memory and written with
 `clip.storage.write_bytes` (atomic: a reader sees the whole object or nothing). Only the newest
 `keep_checkpoints` step checkpoints are kept. `latest_checkpoint()` finds the newest loadable one, so a run
-started again with the same output resumes by itself.
+started again with the same output resumes by itself. A storage error while listing or reading checkpoints
+(clip.storage.StorageError, OSError) propagates: falling back to an older checkpoint, or to none, would silently
+retrain or restart. Only a checkpoint whose bytes do not parse (corrupt, or a foreign object) is skipped, with a
+warning.
 """
 
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any
 
 import numpy as np
@@ -56,6 +60,20 @@ def load_checkpoint_dict(uri: str, storage_cfg: StorageConfig | None = None) -> 
     return parse_checkpoint(storage.read_bytes(uri, storage_cfg), uri)
 
 
+def _parse_or_skip(uri: str, storage_cfg: StorageConfig | None) -> dict[str, Any] | None:
+    """The checkpoint at `uri`; None (with a warning) when its bytes do not parse. Reading is outside the
+    guard: a storage error propagates."""
+    data = storage.read_bytes(uri, storage_cfg)
+    try:
+        return parse_checkpoint(data, uri)
+    except MemoryError:
+        raise
+    except Exception as exc:  # in-memory bytes only: corrupt, truncated, or not a checkpoint (no I/O here)
+        warnings.warn(f"{uri}: skipped, not a loadable checkpoint ({type(exc).__name__}: {exc})".replace("\n", " "),
+                      stacklevel=3)
+        return None
+
+
 def list_step_checkpoints(output: str, storage_cfg: StorageConfig | None = None) -> list[tuple[int, str]]:
     """(step, uri) of the step checkpoints directly in `output`, oldest first."""
     found = []
@@ -76,18 +94,15 @@ def latest_checkpoint(output: str, storage_cfg: StorageConfig | None = None) -> 
     final: tuple[str, dict[str, Any]] | None = None
     final_uri = storage.join(output, FINAL_NAME)
     if storage.exists(final_uri, storage_cfg):
-        try:
-            final = final_uri, load_checkpoint_dict(final_uri, storage_cfg)
-        except Exception:  # an unreadable object (e.g. a foreign partial upload): fall back to the others
-            final = None
+        final_dict = _parse_or_skip(final_uri, storage_cfg)
+        final = (final_uri, final_dict) if final_dict is not None else None
     final_step = int(final[1].get("step", 0)) if final is not None else -1
     for step, uri in reversed(list_step_checkpoints(output, storage_cfg)):
         if step <= final_step:
             break
-        try:
-            return uri, load_checkpoint_dict(uri, storage_cfg)
-        except Exception:  # unreadable: try an older one
-            continue
+        checkpoint = _parse_or_skip(uri, storage_cfg)
+        if checkpoint is not None:
+            return uri, checkpoint
     return final
 
 

@@ -5,9 +5,14 @@ Guarantees (docs/formats.md "Checkpoints"):
   clip.train.checkpoint.latest_checkpoint), so a run started again with the same command resumes by itself;
 - a checkpoint of another `train.model` / `train.model_overrides`, of another data version, or beyond this run's
   step count is refused (ValueError naming the checkpoint, the key and both values) before anything is written;
+  so is one of another `train.seed` / `train.shuffle_buffer` / `train.batch_size` (they map the saved data
+  positions to samples: a change would silently re-map them);
   another stream count is refused when the data position is restored (`DataState.from_dict`, DataError);
-- a resumed run continues with the checkpoint's model config and weights, optimizer, LR schedule, RNG states and
-  data position, so it trains on the same samples to the same weights as a run that never stopped;
+- under a launcher rank 0 alone picks the checkpoint and broadcasts its URI, so the ranks never disagree;
+- a resumed run continues with the checkpoint's model config and weights, optimizer, step count, RNG states and
+  data position, so it trains on the same samples to the same weights as a run that never stopped; the LR
+  schedule is rebuilt from this run's config (only the step count is restored), so a finished run continued
+  with more `train.epochs` keeps learning instead of staying at the old schedule's end (LR 0);
 - a fresh run builds `train.model` with `train.model_overrides`, the vocabulary and context length defaulting to
   the tokenizer's.
 """
@@ -22,8 +27,8 @@ import torch
 from clip import storage as storage_lib
 from clip.config import StorageConfig, TrainConfig
 from clip.tokenizer import Tokenizer
-from clip.train.checkpoint import FINAL_NAME, latest_checkpoint, set_rng_state
-from clip.train.distributed import DistInfo
+from clip.train.checkpoint import FINAL_NAME, latest_checkpoint, load_checkpoint_dict, set_rng_state
+from clip.train.distributed import DistInfo, broadcast_object
 from clip.train.schedule import Schedule, WarmupCosine
 from clip.train.state import TrainState, load_optimizer_state
 from clip.train.streams import DataState
@@ -43,10 +48,36 @@ class ResumePoint:
         return int(self.checkpoint["step"]) if self.checkpoint is not None else 0
 
 
+# Keys that map a checkpoint's data position (stream positions, step in epoch) to samples.
+DATA_MAPPING_KEYS = ("seed", "shuffle_buffer", "batch_size")
+
+
+def _choose_checkpoint(output: str, storage: StorageConfig,
+                       info: DistInfo | None) -> tuple[str, dict[str, Any]] | None:
+    """latest_checkpoint, chosen by rank 0 alone under a launcher (its URI broadcast; the others load that URI)."""
+    if info is None or not info.distributed:
+        return latest_checkpoint(output, storage)
+    if info.is_main:
+        try:
+            found = latest_checkpoint(output, storage)
+        except BaseException as exc:
+            broadcast_object(("error", f"{type(exc).__name__}: {exc}"), info)  # the others must not wait forever
+            raise
+        broadcast_object(("ok", found[0] if found is not None else None), info)
+        return found
+    kind, value = broadcast_object(None, info)  # type: ignore[misc]
+    if kind == "error":
+        raise RuntimeError(f"rank 0 could not choose the checkpoint to resume from in {output}: {value}")
+    if value is None:
+        return None
+    return value, load_checkpoint_dict(value, storage)
+
+
 def find_resume_point(tcfg: TrainConfig, storage: StorageConfig, data_version: str,
-                      schedule: Schedule) -> ResumePoint:
-    """The newest checkpoint in `train.output`, checked against this run; a fresh start when there is none."""
-    found = latest_checkpoint(tcfg.output, storage)
+                      schedule: Schedule, info: DistInfo | None = None) -> ResumePoint:
+    """The newest checkpoint in `train.output`, checked against this run; a fresh start when there is none.
+    Collective under a launcher when `info` is given (rank 0 chooses, the others follow)."""
+    found = _choose_checkpoint(tcfg.output, storage, info)
     if found is None:
         return ResumePoint(None, None, is_final=False)
     uri, checkpoint = found
@@ -57,6 +88,13 @@ def find_resume_point(tcfg: TrainConfig, storage: StorageConfig, data_version: s
             raise ValueError(
                 f"{uri} was trained with train.{key}={saved[key]!r} but this run asks for "
                 f"{asked[key]!r}; use a new train.output, or the same train.{key} to resume"
+            )
+    for key in DATA_MAPPING_KEYS:
+        if key in saved and saved[key] != asked[key]:
+            raise ValueError(
+                f"{uri} was trained with train.{key}={saved[key]!r} but this run asks for {asked[key]!r}; the "
+                f"saved data position only means the same samples with the same train.{key}: use "
+                f"train.{key}={saved[key]!r} to resume, or a new train.output"
             )
     if checkpoint.get("data_version") not in (None, data_version):
         # Its data position and schedule belong to other data; carrying on (or reporting its finished run as
@@ -93,16 +131,17 @@ def resume_or_start(tcfg: TrainConfig, info: DistInfo, point: ResumePoint, token
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])  # into the bare module, before any wrapper shards it
     wrapped = wrap_model(model, info, grad_checkpointing=tcfg.grad_checkpointing, fsdp=tcfg.fsdp,
-                         compile_model=tcfg.compile)
+                         precision=tcfg.precision, compile_model=tcfg.compile)
     optimizer = build_optimizer(wrapped.module, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                                 betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
     if wrapped.kind == "fsdp":
         for group in optimizer.param_groups:
             group["foreach"] = False  # groups mix sharded DTensors and the replicated scalar
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(tcfg.warmup_steps, schedule.total_steps))
+    base_lrs = list(scheduler.base_lrs)  # this run's train.lr, not the checkpoint's
     if checkpoint is not None:
         load_optimizer_state(wrapped, optimizer, checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        _restore_step_count(scheduler, base_lrs, int(checkpoint["scheduler"]["last_epoch"]))
         set_rng_state(checkpoint["rng"])
     data_state = DataState.from_dict(checkpoint.get("data_state") if checkpoint else None, schedule.num_streams)
     return TrainState(
@@ -110,3 +149,15 @@ def resume_or_start(tcfg: TrainConfig, info: DistInfo, point: ResumePoint, token
         train_config=tcfg.model_dump(mode="json"), data_version=data_version, start_step=point.start_step,
         data_state=data_state,
     )
+
+
+def _restore_step_count(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float], step: int) -> None:
+    """Continue this run's schedule (built from the current config) at `step`: only the step count comes from the
+    checkpoint. Loading the saved scheduler state would restore the saved WarmupCosine (its `total`) too, so a
+    finished run continued with more epochs would stay at LR 0."""
+    scheduler.base_lrs = list(base_lrs)
+    scheduler.last_epoch = step
+    for group, base, lr_lambda in zip(scheduler.optimizer.param_groups, base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * lr_lambda(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

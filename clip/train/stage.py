@@ -46,6 +46,7 @@ from clip.train.state import DataPosition, save_training_state
 from clip.train.step import NonFiniteGuard, NonFiniteLossError, device_inputs, train_step
 from clip.train.streams import StreamPlan, read_manifest
 from clip.train.tokenizer_setup import setup_tokenizer
+from clip.train.wrap import check_fsdp_world
 
 __all__ = ["NonFiniteLossError", "TrainResult", "run"]
 
@@ -74,6 +75,7 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
     from clip.model import get_config
 
     get_config(cfg.model, **cfg.model_overrides)  # an unknown model name is refused before any work starts
+    check_fsdp_world(cfg.fsdp, info.world_size)  # FSDP on one process: refused, also before any work
     started = time.monotonic()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -81,7 +83,7 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
 
     manifest = read_manifest(cfg.data, storage)
     schedule = plan_schedule(cfg, sum(s.samples for s in manifest.shards), info.world_size)
-    point = find_resume_point(cfg, storage, manifest.data_version, schedule)
+    point = find_resume_point(cfg, storage, manifest.data_version, schedule, info)
     if point.is_final and point.start_step == schedule.total_steps:
         finished = load_result(cfg.output, storage)
         if finished is not None:
@@ -109,6 +111,7 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
     window = LogWindow()
     total_wait, loop_start = 0.0, time.monotonic()
     last_loss = float("nan")
+    checkpoint_due = False  # a checkpoint step fell inside a non-finite streak: write at the next finite step
     step = state.start_step
 
     # A non-finite step skips optimizer.step() but not scheduler.step() (the step is spent): expected, not a bug.
@@ -159,7 +162,9 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
             if progress is not None:
                 detail = f"loss {last_loss:.3f}" if math.isfinite(last_loss) else ""
                 progress(PROGRESS_TASK, step, schedule.total_steps, detail)
-            if step % cfg.checkpoint_every == 0 and step < schedule.total_steps:
+            checkpoint_due = checkpoint_due or step % cfg.checkpoint_every == 0
+            if checkpoint_due and guard.in_a_row == 0 and step < schedule.total_steps:  # never mid-streak
+                checkpoint_due = False
                 data_state = position.global_state(batch.epoch, batch.step_in_epoch + 1, info)
                 step_uri = storage_lib.join(cfg.output, step_name(step))
                 if save_training_state(state, step_uri, step, data_state, info, storage):

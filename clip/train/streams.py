@@ -20,7 +20,10 @@ Guarantees (why a resume is exact and the batches do not depend on the number of
 
 How the streams become per-step batches on each rank is clip/train/loader.py. Tars are read by clip.formats.tar
 (`iter_tar_samples`), streamed through `clip.storage.open_read` (local files directly, `s3://` objects without a
-download first). A truncated or unreadable tar ends its shard early, counted, never fatal.
+download first). Reads fail closed: a shard that cannot be opened or read (missing object, S3 failure after
+the storage layer's retries, any OSError / clip.storage.StorageError) stops the run with a DataError naming the
+shard, rather than training on a silent subset. Only damaged tar content (TruncatedTarError: the shard ends
+early) and corrupt samples inside a readable shard are skipped and counted.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from clip.formats import manifest as formats_manifest
 from clip.formats.errors import MissingInputError
 from clip.formats.manifest import Manifest, ShardEntry
 from clip.formats.tar import TruncatedTarError, iter_tar_samples
+from clip.storage import StorageError
 
 
 class DataError(RuntimeError):
@@ -112,6 +116,12 @@ class StreamStats:
     truncated_shards: int = 0
 
 
+def unreadable_shard(uri: str, exc: BaseException) -> DataError:
+    """The error that stops a run whose shard cannot be opened or read (one line, naming the shard)."""
+    detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return DataError(f"shard {uri} cannot be read ({detail}); stopping rather than training on a subset of the data")
+
+
 class RawStream:
     """The pre-shuffle sample sequence of one stream in one epoch: infinite (passes / draws repeat)."""
 
@@ -123,19 +133,18 @@ class RawStream:
         info = self.plan.shards[shard]
         try:
             f = self.opener(info.uri)
-        except Exception:  # a missing or unreadable shard: counted like a truncated one, never fatal
-            self.stats.truncated_shards += 1
-            return
+        except Exception as exc:  # missing or unreachable: fail closed, never train on a silent subset
+            raise unreadable_shard(info.uri, exc) from exc
         try:
             for index, sample in enumerate(iter_tar_samples(f)):
                 if index >= end:
                     return
                 if index >= start:
                     yield sample
-        except TruncatedTarError:
+        except TruncatedTarError:  # damaged tar content: the shard ends early, counted
             self.stats.truncated_shards += 1
-        except OSError:
-            self.stats.truncated_shards += 1
+        except (OSError, StorageError) as exc:  # the read itself failed: fail closed
+            raise unreadable_shard(info.uri, exc) from exc
         finally:
             f.close()
 
@@ -249,5 +258,7 @@ def iter_captions(manifest: Manifest, storage_cfg: StorageConfig | None = None,
                     count += 1
                     if limit is not None and count >= limit:
                         return
-        except (TruncatedTarError, OSError):
+        except TruncatedTarError:  # damaged tar content: its complete samples were read
             continue
+        except (OSError, StorageError) as exc:  # missing or unreachable: fail closed
+            raise unreadable_shard(shard.uri, exc) from exc

@@ -50,10 +50,27 @@ def _residual_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, ResidualAttentionBlock)]
 
 
+def check_fsdp_world(fsdp: bool, world_size: int) -> None:
+    """FSDP shards over ranks: on one process it would silently train unsharded, so it is refused."""
+    if fsdp and world_size < 2:
+        raise ValueError(f"train.fsdp needs more than one training process (world size {world_size}); set "
+                         "train.fsdp=false or launch several processes (compute.nproc_per_node / compute.nnodes)")
+
+
+def fsdp_precision(precision: str, device: torch.device) -> dict[str, torch.dtype | None]:
+    """MixedPrecisionPolicy settings for `train.precision`: bf16 (or auto on a GPU) -> bf16 parameters in
+    forward/backward with fp32 gradient reduction; fp32 (or auto on the CPU) -> no reduced dtypes."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
+    return {"param_dtype": None, "reduce_dtype": None}
+
+
 def wrap_model(model: nn.Module, info: DistInfo, *, grad_checkpointing: bool = False, fsdp: bool = False,
-               compile_model: bool = False, channels_last: bool | None = None) -> Wrapped:
+               compile_model: bool = False, channels_last: bool | None = None, precision: str = "auto") -> Wrapped:
     """`channels_last` (ResNet towers; None: on for CUDA without FSDP, whose flat shards would not keep the
-    NHWC strides): NHWC convolution weights and activations, the faster layout for cuDNN."""
+    NHWC strides): NHWC convolution weights and activations, the faster layout for cuDNN. `precision` is
+    `train.precision`; it sets FSDP's mixed-precision policy (`fsdp_precision`). FSDP on one process is refused."""
+    check_fsdp_world(fsdp, info.world_size)
     model = model.to(info.device)
     if channels_last is None:
         channels_last = info.device.type == "cuda" and not (fsdp and info.distributed)
@@ -68,8 +85,7 @@ def wrap_model(model: nn.Module, info: DistInfo, *, grad_checkpointing: bool = F
         if fsdp:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-                if info.device.type == "cuda" else MixedPrecisionPolicy()
+            policy = MixedPrecisionPolicy(**fsdp_precision(precision, info.device))
             replicated = [p for p in model.parameters() if p.ndim == 0]
             for block in _residual_blocks(model):
                 fully_shard(block, mp_policy=policy)
