@@ -334,13 +334,15 @@ class TokenizerConfig(Section):
 
 
 class TrainConfig(Section):
-    """train: contrastive training (torchrun, one CPU to many GPU nodes) -> models/checkpoints/."""
+    """train: contrastive training (torchrun, one CPU to many GPU nodes) -> models/runs/<model>-<data version>/."""
 
     model: str = Field("tiny-vit", description="model preset name (clip.model list_models(), e.g. tiny-vit, ViT-B-32)")
     data: Uri = Field(
         "data/shards", description="the shard stage's output (folder or s3:// prefix holding manifest.json)")
-    output: Uri = Field(
-        "models/checkpoints", description="checkpoints, final.pt, tokenizer.json, metrics.json (path or s3://)")
+    output: Uri | None = Field(
+        None, description="where checkpoints, final.pt, tokenizer.json and metrics.json go (path or s3://); null: "
+                          "models/runs/<model>-<data_version[:12]>/, so new data starts a new run and the same data "
+                          "resumes")
     batch_size: PositiveInt = Field(64, description="global batch across all ranks")
     epochs: PositiveInt = Field(4, description="passes over the data (or over samples_per_epoch when set)")
     samples_per_epoch: PositiveInt | None = Field(

@@ -27,7 +27,7 @@ STAGE_HELP = {
     "collect": "Build queries, match and balance candidate pairs, fetch and validate images -> data/raw/.",
     "dedup": "Remove exact and near duplicates and evaluation-set overlap -> data/dedup/.",
     "shard": "Write shuffled webdataset shards + manifest, publish to local disk or S3 -> data/shards/.",
-    "train": "Contrastive training (torchrun, one CPU to many GPU nodes) -> models/checkpoints/.",
+    "train": "Contrastive training (torchrun, one CPU to many GPU nodes) -> models/runs/<model>-<data version>/.",
     "export": "ONNX encoders + tokenizer + preprocessing, checked against the checkpoint -> models/bundle/.",
     "evaluate": "Zero-shot and linear-probe evaluation -> reports/eval/.",
     "promote": "Register the model in MLflow; move the champion alias only if it is better.",
@@ -103,7 +103,7 @@ def train(
     rdzv_endpoint: Annotated[str | None, typer.Option(help="host:port of the c10d rendezvous for multi-node runs")] = None,
     max_restarts: Annotated[int | None, typer.Option(min=0, help="torchrun --max-restarts: workers restarted after a failure; default compute.max_restarts")] = None,
 ) -> None:
-    """Contrastive training (torchrun, one CPU to many GPU nodes) -> models/checkpoints/.
+    """Contrastive training (torchrun, one CPU to many GPU nodes) -> models/runs/<model>-<data version>/.
 
     The launcher options are shorthands for the `compute` keys of the same names (`--nproc-per-node 8` is
     `--set compute.nproc_per_node=8`), checked like every other key."""

@@ -92,7 +92,7 @@ def launch_torchrun(cfg: PipelineConfig) -> StageResult:
         returncode = subprocess.run(cmd, env=env, check=False).returncode
     if returncode != 0:
         raise SystemExit(f"training failed: torchrun exited with status {returncode} ({' '.join(cmd)})")
-    return load_result(cfg.train.output, cfg.storage) or StageResult()
+    return load_result(stage.run_location(cfg.train, cfg.storage), cfg.storage) or StageResult()
 
 
 def main(argv: list[str] | None = None) -> None:

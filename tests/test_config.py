@@ -30,7 +30,7 @@ def test_repo_params_yaml_loads_and_is_the_embedded_default() -> None:
     assert cfg.tracking.uri.startswith("sqlite:///")
     for location in (cfg.collect.output_dir, cfg.shard.output, cfg.train.data):
         assert location.startswith("data/")
-    assert cfg.train.output.startswith("models/")
+    assert cfg.train.output is None  # the run location follows the model and the data version
 
 
 def test_missing_default_file_gives_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

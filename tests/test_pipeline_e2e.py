@@ -61,7 +61,9 @@ def test_pipeline_all_on_the_embedded_default(tmp_path: Path) -> None:
             shard_keys |= {m.name.rsplit(".", 1)[0] for m in tar.getmembers()}
     assert shard_keys == set(keep["key"])
 
-    checkpoints = tmp_path / "models/checkpoints"
+    # train.output unset: the run lives in models/runs/<model>-<data_version[:12]>
+    [checkpoints] = list((tmp_path / "models/runs").iterdir())
+    assert checkpoints.name.endswith("-" + manifest["data_version"][:12])
     final = torch.load(checkpoints / "final.pt", weights_only=True, map_location="cpu")
     assert final["data_version"] == manifest["data_version"]
     assert final["step"] == len(keep) // 32  # one epoch of full global batches
@@ -89,3 +91,18 @@ def test_pipeline_all_on_the_embedded_default(tmp_path: Path) -> None:
     history = client.get_metric_history(runs[0].info.run_id, "loss")  # every step, all flushed before the run ended
     assert sorted(m.step for m in history) == list(range(1, final["step"] + 1))
     assert runs[0].info.status == "FINISHED"
+
+    # The weekly rerun (issue 11.2): new data (here another collect.seed) and no other edit trains a new run on
+    # the new data version beside the first, whose checkpoint is left as it was.
+    import hashlib
+
+    first_final = checkpoints / "final.pt"
+    first_digest = hashlib.sha256(first_final.read_bytes()).hexdigest()
+    rerun = subprocess.run([*args, "--set", "collect.seed=1"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    second_manifest = json.loads((tmp_path / "data/shards/manifest.json").read_text())
+    assert second_manifest["data_version"] != manifest["data_version"]
+    second = tmp_path / "models/runs" / f"{checkpoints.name.rsplit('-', 1)[0]}-{second_manifest['data_version'][:12]}"
+    assert torch.load(second / "final.pt", weights_only=True)["data_version"] == second_manifest["data_version"]
+    assert hashlib.sha256(first_final.read_bytes()).hexdigest() == first_digest

@@ -22,7 +22,15 @@ STEP_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 FINAL_NAME = "final.pt"
 MODEL_KEYS = ("model", "model_config", "tokenizer", "train_config")
 TRAINING_STATE_KEYS = ("optimizer", "scheduler", "step", "samples_seen", "data_state", "rng", "data_version")
+RUNS_DIR = "models/runs"  # where runs go when train.output is not set: one folder per (model, data version)
 MLFLOW_RUN_KEY = "mlflow_run_id"  # the MLflow run that trained it (None without tracking): a resume continues it
+
+
+def default_run_location(model: str, data_version: str, runs_dir: str = RUNS_DIR) -> str:
+    """`models/runs/<model>-<data_version[:12]>`: new data starts a new run by itself, the same data resumes."""
+    from clip import storage
+
+    return storage.join(runs_dir, f"{model}-{data_version[:12]}")
 
 
 def step_name(step: int) -> str:

@@ -32,7 +32,7 @@ import torch
 
 from clip import storage as storage_lib
 from clip.config import ComputeConfig, DebugConfig, StorageConfig, TrackingConfig, TrainConfig
-from clip.formats.checkpoint import MLFLOW_RUN_KEY
+from clip.formats.checkpoint import MLFLOW_RUN_KEY, default_run_location
 from clip.progress import Progress
 from clip.tracking import Tracker
 from clip.train.checkpoint import FINAL_NAME, prune_checkpoints, step_name
@@ -69,6 +69,14 @@ def run(
         cleanup(info)
 
 
+def run_location(cfg: TrainConfig, storage: StorageConfig) -> str:
+    """Where this run writes: `train.output`, or when unset the folder of (model, data version) the manifest at
+    `train.data` names."""
+    if cfg.output is not None:
+        return cfg.output
+    return default_run_location(cfg.model, read_manifest(cfg.data, storage).data_version)
+
+
 def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, tracking: TrackingConfig,
          debug: DebugConfig, info: DistInfo, progress: Progress | None) -> TrainResult:
     from clip.loss import ClipLoss
@@ -82,6 +90,8 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
     random.seed(cfg.seed)
 
     manifest = read_manifest(cfg.data, storage)
+    if cfg.output is None:  # the run of this model on this data version: new data, new run; same data, resume
+        cfg = cfg.model_copy(update={"output": default_run_location(cfg.model, manifest.data_version)})
     schedule = plan_schedule(cfg, sum(s.samples for s in manifest.shards), info.world_size)
     point = find_resume_point(cfg, storage, manifest.data_version, schedule, info)
     if point.is_final and point.start_step == schedule.total_steps:
