@@ -22,6 +22,7 @@ from typing import Any
 from clip import storage
 from clip.config import StorageConfig
 from clip.formats.raw import RECORDS_DIR, RawSample, raw_shard_index, raw_shard_name, write_raw_shard
+from clip.storage.local import TMP_MARK
 
 _PARTIAL_SUFFIX = ".partial"  # local temp name: .raw-00003.tar.partial (fixed: a rerun overwrites it)
 
@@ -59,23 +60,10 @@ class RawOutput:
 
         Returns the tar's size in bytes.
         """
-        name = raw_shard_name(index)
-        if not self.is_s3:
-            final = Path(self.uri, name)
-            partial = final.with_name(f".{name}{_PARTIAL_SUFFIX}")
-            with open(partial, "wb") as handle:
-                write_raw_shard(handle, samples)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, final)
-            return final.stat().st_size
-        # S3: a local temporary tar, uploaded in one (possibly multipart) request that is atomic on S3.
-        with tempfile.TemporaryDirectory(prefix="raw-shard-") as staging:
-            local = Path(staging, name)
-            with open(local, "wb") as handle:
-                write_raw_shard(handle, samples)
-            storage.upload_file(local, self.path(name), self.storage_cfg)
-            return local.stat().st_size
+        # storage.write_stream: a temp file beside the final name then a rename (local), or a spooled upload in
+        # one request (S3); either way the shard is visible only when complete.
+        return storage.write_stream(self.path(raw_shard_name(index)), lambda handle: write_raw_shard(handle, samples),
+                                    self.storage_cfg)
 
     def temp_path(self, name: str) -> str:
         """A local file to write `name` into before `publish`: beside the final file locally, else in /tmp."""
@@ -100,10 +88,12 @@ class RawOutput:
         if self.is_s3:
             return []
         removed = []
-        for partial in Path(self.uri).glob(f".*{_PARTIAL_SUFFIX}"):
-            partial.unlink(missing_ok=True)
-            removed.append(partial.name)
-        return removed
+        # Ours (candidates.parquet's temp_path) and clip.storage's temporary names (`.<name>.tmp-<hex>`).
+        for pattern in (f".*{_PARTIAL_SUFFIX}", f".*{TMP_MARK}*"):
+            for partial in Path(self.uri).glob(pattern):
+                partial.unlink(missing_ok=True)
+                removed.append(partial.name)
+        return sorted(removed)
 
     def existing_shard_indices(self) -> set[int]:
         """Indices of raw-NNNNN.tar and records/raw-NNNNN.json present in the output."""

@@ -7,7 +7,6 @@ dataset says how many training pairs matched, out of how many evaluation images,
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from clip.dedup.color import SIGNATURE_LENGTH, color_signature
 from clip.dedup.neardup import find_cross_pairs
 from clip.formats.errors import MissingInputError
 from clip.imagehash import phash64
+from clip.synthetic import EVAL_SET_NAMES, generate_eval_set
 
 log = logging.getLogger(__name__)
 
@@ -113,21 +113,10 @@ def _stack(signatures: list[np.ndarray]) -> np.ndarray:
 
 def synthetic_eval_sets(image_size: int, seed: int = SYNTHETIC_EVAL_SEED,
                         num_images: int = SYNTHETIC_EVAL_SIZE) -> list[EvalSet]:
-    """Hashes of the built-in synthetic evaluation sets; [] with a warning when the generator is not available."""
-    try:
-        from clip.synthetic import EVAL_SET_NAMES, generate_eval_set
-    except ImportError as exc:
-        log.warning("synthetic evaluation sets unavailable (clip.synthetic: %s); not decontaminated", exc)
-        return []
-    # Use the generator's own defaults for seed / size when it has them, so we hash what evaluation will use.
-    params = inspect.signature(generate_eval_set).parameters
-    kwargs: dict[str, Any] = {}
-    for arg, value in (("seed", seed), ("n", num_images), ("image_size", image_size)):
-        if arg in params and params[arg].default is inspect.Parameter.empty:
-            kwargs[arg] = value
+    """Hashes of the built-in synthetic evaluation sets (clip.synthetic), rendered as evaluation renders them."""
     sets = []
     for set_name in EVAL_SET_NAMES:
-        pairs = generate_eval_set(set_name, **kwargs)
+        pairs = generate_eval_set(set_name, seed=seed, n=num_images, image_size=image_size)
         hashes = np.array([phash64(image) for image, _label in pairs], dtype=np.uint64)
         sets.append(EvalSet(name=f"synthetic/{set_name}", ids=[str(i) for i in range(len(pairs))],
                             hashes=hashes, source="synthetic",
