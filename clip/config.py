@@ -367,12 +367,13 @@ class TrainConfig(Section):
     shuffle_buffer: NonNegativeInt = Field(
         1000, description="samples per deterministic shuffle window of each data stream")
     num_workers: NonNegativeInt = Field(2, description="data loader workers per rank")
-    # Logical data streams (docs in clip/train/streams.py); None: world_size * max(1, num_workers). Keep it
-    # fixed to resume on a different world size; batch_size must be a multiple, and it of the world size.
+    # Logical data streams (docs in clip/train/streams.py). None: a function of batch_size alone (the largest
+    # divisor leaving >= 8 samples per stream per step), so a resume on another world size or worker count is exact.
     streams: PositiveInt | None = Field(
-        None, description="logical data streams (clip/train/streams.py); null: world_size * max(1, num_workers). Keep "
-                          "it fixed to resume on a different world size; batch_size must be a multiple of it, and it "
-                          "of the world size")
+        None, description="logical data streams (clip/train/streams.py); null: the largest divisor of batch_size that "
+                          "leaves >= 8 samples per stream per step (never depends on the world size or num_workers, "
+                          "so a restart on fewer nodes or more workers resumes exactly); batch_size must be a "
+                          "multiple of it, and it of the world size")
     model_overrides: dict[str, Any] = Field(
         default_factory=dict, description="create_model(model, **overrides), e.g. {image_size: 32}")
     gpu_decode: bool = Field(False, description="decode JPEGs on the GPU (torchvision); CUDA runs only")

@@ -11,6 +11,7 @@ import math
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from clip.config import ComputeConfig, ConfigError, PipelineConfig, load_config
 from clip.formats.tar import iter_tar_samples
 from clip.train import stage
 from clip.train.distributed import first_slurm_host, slurm_env, under_launcher
-from clip.train.schedule import WarmupCosine, plan_schedule
+from clip.train.schedule import WarmupCosine, default_streams, plan_schedule
 from clip.train.step import NonFiniteLossError
 from clip.train.streams import RawStream, StreamPlan, StreamStats, open_uri, read_manifest, shuffled_stream
 from tests.support.shards import make_samples, make_shards, write_manifest, write_tar
@@ -112,9 +113,10 @@ def test_sequential_epoch_covers_every_sample_once_and_resumes_at_any_position(t
 def test_schedule_and_lr_rules() -> None:
     cfg = load_config(None, ["train.batch_size=64", "train.num_workers=2", "train.epochs=4"])
     schedule = plan_schedule(cfg.train, 4096, world_size=1)
-    assert (schedule.num_streams, schedule.chunk, schedule.steps_per_epoch, schedule.total_steps) == (2, 32, 64, 256)
+    assert (schedule.num_streams, schedule.chunk, schedule.steps_per_epoch, schedule.total_steps) == (8, 8, 64, 256)
     with pytest.raises(ValueError, match="multiple of the world size"):
         plan_schedule(cfg.train, 4096, world_size=3)
+    assert [default_streams(b) for b in (1, 16, 64, 100, 512, 32768)] == [1, 2, 8, 10, 64, 4096]
     bad = load_config(None, ["train.batch_size=60", "train.streams=8"])
     with pytest.raises(ValueError, match="train.batch_size \\(60\\).*data streams"):
         plan_schedule(bad.train, 4096, world_size=1)
@@ -372,24 +374,62 @@ def test_resampled_streams_continue_from_a_position_and_train(tmp_path: Path) ->
     assert metrics["steps"] == 10  # 80 // 16 steps per epoch, whatever the data size
 
 
-def test_gpu_decode_path_decodes_crops_normalises_and_replaces_bad_jpegs() -> None:
-    """The train.gpu_decode code path, run with device="cpu" (torchvision decodes there too)."""
+def _gradient_jpeg() -> bytes:
+    from PIL import Image
+
+    x = np.broadcast_to(np.linspace(0, 255, 120)[None, :, None], (90, 120, 1))
+    y = np.broadcast_to(np.linspace(0, 255, 90)[:, None, None], (90, 120, 1))
+    arr = np.concatenate([x, y, np.full((90, 120, 1), 128.0)], axis=2).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_gpu_decode_applies_the_cpu_paths_random_resized_crop() -> None:
+    """The train.gpu_decode path (run on device "cpu": torchvision decodes there too) crops the box the CPU path
+    draws for the same sample seed: same pixels up to the decoder and resampling kernel. Before, it centre-cropped."""
+    from clip.train.gpu_decode import gpu_decode_batch
+    from clip.train.loader import decode_sample
+    from clip.transforms import train_transform
+
+    members = {"jpg": _gradient_jpeg(), "txt": b"a gradient"}
+    transform, boxes = train_transform(32), set()
+    for seed in range(6):
+        cpu, _ = decode_sample(members, transform, seed)
+        item, caption = decode_sample(members, None, seed, 32)
+        boxes.add(item[1])
+        gpu, keep, failed = gpu_decode_batch([item], 32, torch.device("cpu"))
+        assert caption == "a gradient" and keep.tolist() == [True] and failed == 0
+        diff = (gpu[0] - cpu).abs()
+        assert diff.mean() < 0.008 and diff.max() < 0.03, (seed, item[1], float(diff.mean()))
+    assert len(boxes) > 3  # the box is random per sample, not a fixed centre crop
+
+
+def test_gpu_decode_drops_an_undecodable_image_with_its_caption() -> None:
+    """An image no decoder can read leaves the batch together with its caption; never a neighbour's copy (one image
+    with two captions in a contrastive batch). A PNG (nvjpeg cannot) is decoded on the CPU."""
     from PIL import Image
 
     from clip.train.gpu_decode import gpu_decode_batch
-    from clip.transforms import CLIP_MEAN, CLIP_STD
+    from clip.train.loader import Batch, decode_sample
+    from clip.train.step import device_inputs
 
-    jpegs = []
-    for colour in ((255, 0, 0), (0, 0, 255)):
-        buf = io.BytesIO()
-        Image.new("RGB", (80, 60), colour).save(buf, format="JPEG", quality=95)
-        jpegs.append(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8))
-    jpegs.append(torch.frombuffer(bytearray(b"\xff\xd8 broken"), dtype=torch.uint8))
-    images, failed = gpu_decode_batch(jpegs, 32, torch.device("cpu"))
-    assert images.shape == (3, 3, 32, 32) and failed == 1
-    red = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    torch.testing.assert_close(images[0, :, 16, 16], red, atol=0.05, rtol=0)
-    assert images[1, 2, 16, 16] > 1.5 and torch.equal(images[2], images[0])  # the bad one: a neighbour's copy
+    good = _gradient_jpeg()
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 0, 255)).save(png, format="PNG")
+    broken = good[: len(good) // 3]  # the header parses, the pixels do not
+    samples = [{"jpg": good, "txt": b"one"}, {"jpg": broken, "txt": b"two"}, {"png": png.getvalue(), "txt": b"three"}]
+    items = [decode_sample(m, None, seed, 32) for seed, m in enumerate(samples)]
+    assert all(item is not None for item in items)
+    assert decode_sample({"jpg": b"\xff\xd8 not an image", "txt": b"x"}, None, 0, 32) is None  # unreadable header
+    images, keep, failed = gpu_decode_batch([image for image, _ in items], 32, torch.device("cpu"))
+    assert keep.tolist() == [True, False, True] and failed == 1 and images.shape == (2, 3, 32, 32)
+    assert not torch.equal(images[0], images[1])
+    tokens = torch.arange(3)[:, None].expand(3, 4)
+    batch = Batch(epoch=0, step_in_epoch=0, images=[image for image, _ in items], tokens=tokens, keys=["a", "b", "c"],
+                  positions={}, corrupt=0, truncated=0)
+    images, kept_tokens, failed = device_inputs(batch, 32, torch.device("cpu"))
+    assert failed == 1 and kept_tokens[:, 0].tolist() == [0, 2]  # captions one and three: pairs stay pairs
 
 
 def test_training_inside_a_prefect_flow_with_loader_workers(tmp_path: Path, prefect_harness: None) -> None:

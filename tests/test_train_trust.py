@@ -52,6 +52,47 @@ def test_finished_run_continued_with_more_epochs_keeps_learning(tmp_path: Path) 
     assert changed, "the continued run did not change the weights"
 
 
+# 2b. the default stream count depends on the batch size alone: a restart with more loader workers (or on fewer
+# nodes) reads the same streams and resumes exactly
+
+
+def _keys_by_step(log: Path) -> dict[int, list[str]]:
+    import json
+
+    steps: dict[int, list[str]] = {}
+    for line in Path(f"{log}.rank0").read_text().splitlines():
+        record = json.loads(line)
+        if "step" in record:
+            steps.setdefault(record["step"], []).extend(record["keys"])
+    return steps
+
+
+def test_default_stream_count_ignores_world_size_and_workers() -> None:
+    from clip.train.schedule import plan_schedule
+
+    counts = {plan_schedule(load_config(None, [f"train.num_workers={w}", "train.batch_size=64"]).train, 4096,
+                            world_size=ws).num_streams for ws in (1, 2, 4, 8) for w in (0, 1, 2, 6)}
+    assert counts == {8}
+
+
+def test_restart_with_more_loader_workers_resumes_exactly(tmp_path: Path) -> None:
+    from clip.train.step import NonFiniteLossError
+
+    make_shards(tmp_path / "shards", n=160, per_shard=40)  # batch 16: 10 steps per epoch
+    extra = {"train.epochs": 2, "train.checkpoint_every": 5, "train.max_nonfinite_steps": 1}
+    train(_cfg(tmp_path / "shards", tmp_path / "ref", **extra,
+               **{"train.num_workers": 2, "debug.keys_log": str(tmp_path / "ref.log")}))
+    # the same run on 0 loader workers stops at step 13; it is restarted with 2 workers
+    with pytest.raises(NonFiniteLossError):
+        train(_cfg(tmp_path / "shards", tmp_path / "run", **extra,
+                   **{"train.num_workers": 0, "debug.fault_nonfinite_steps": [13]}))
+    resumed = train(_cfg(tmp_path / "shards", tmp_path / "run", **extra,
+                         **{"train.num_workers": 2, "debug.keys_log": str(tmp_path / "run.log")}))
+    assert resumed.metrics["resumed_from_step"] == 10 and resumed.metrics["steps"] == 20
+    reference, after = _keys_by_step(tmp_path / "ref.log"), _keys_by_step(tmp_path / "run.log")
+    assert after == {s: reference[s] for s in range(11, 21)}
+
+
 # 2. a resume that would re-map the saved data positions is refused
 
 

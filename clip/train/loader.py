@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip.config import StorageConfig
+from clip.train.gpu_decode import crop_box
 from clip.train.streams import (
     DataError,
     DataState,
@@ -41,8 +42,9 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def decode_sample(members: dict[str, bytes], transform: Callable[[Any], torch.Tensor] | None,
-                  seed: int) -> tuple[torch.Tensor | bytes, str] | None:
-    """(image tensor or raw JPEG bytes when transform is None, caption) or None when the sample is unusable."""
+                  seed: int, image_size: int = 0) -> tuple[Any, str] | None:
+    """(image tensor, caption), or with transform None (`train.gpu_decode`) ((JPEG bytes as a uint8 tensor, crop
+    box), caption): the GPU decodes and crops (clip/train/gpu_decode.py). None when the sample is unusable."""
     image_bytes = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
     text = members.get("txt")
     if image_bytes is None or text is None:
@@ -52,7 +54,10 @@ def decode_sample(members: dict[str, bytes], transform: Callable[[Any], torch.Te
     except UnicodeDecodeError:
         return None
     if transform is None:
-        return image_bytes, caption
+        box = crop_box(image_bytes, image_size, seed)
+        if box is None:
+            return None
+        return (torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), box), caption
     from PIL import Image
 
     try:
@@ -134,7 +139,8 @@ class StepChunks(IterableDataset):
                     unusable_in_a_row = 0
                     while got < cfg.chunk:
                         position, key, members = next(iterators[s])
-                        decoded = decode_sample(members, transform, sample_seed(cfg.plan.seed, epoch, s, position))
+                        decoded = decode_sample(members, transform, sample_seed(cfg.plan.seed, epoch, s, position),
+                                                cfg.image_size)
                         if decoded is None:
                             stats.corrupt_samples += 1
                             unusable_in_a_row += 1
@@ -146,8 +152,6 @@ class StepChunks(IterableDataset):
                             continue
                         unusable_in_a_row = 0
                         image, caption = decoded
-                        if transform is None:
-                            image = torch.frombuffer(bytearray(image), dtype=torch.uint8)
                         images.append(image)
                         captions.append(caption)
                         keys.append(key)
@@ -172,7 +176,7 @@ class Batch:
 
     epoch: int
     step_in_epoch: int
-    images: Any  # [n, 3, S, S] float tensor, or a list of JPEG byte tensors with gpu_decode
+    images: Any  # [n, 3, S, S] float tensor, or with gpu_decode a list of (JPEG byte tensor, crop box)
     tokens: torch.Tensor  # [n, ctx]
     keys: list[str]
     positions: dict[int, int]  # stream -> position after this batch

@@ -29,6 +29,20 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+# Samples per stream per step under the default stream count: few enough streams that each reads long runs of
+# one shard (and holds few shuffle windows), enough that a 32,768 batch has 4,096 streams to spread over ranks.
+DEFAULT_CHUNK = 8
+
+
+def default_streams(batch_size: int) -> int:
+    """The stream count when `train.streams` is unset: the largest divisor of the global batch that leaves at least
+    DEFAULT_CHUNK samples per stream per step. A function of the batch size alone, never of the world size or of
+    `num_workers`, so an elastic restart on fewer nodes, or with more loader workers, reads the same streams and
+    resumes exactly (64 -> 8, 512 -> 64, 32768 -> 4096, 100 -> 10)."""
+    limit = max(1, batch_size // DEFAULT_CHUNK)
+    return max(d for d in range(1, limit + 1) if batch_size % d == 0)
+
+
 @dataclass(frozen=True)
 class Schedule:
     num_streams: int
@@ -44,13 +58,15 @@ def plan_schedule(tcfg: TrainConfig, plan_total_samples: int, world_size: int) -
             f"train.batch_size ({tcfg.batch_size}) is the GLOBAL batch and must be a multiple of the world size "
             f"({world_size} processes)"
         )
-    streams = tcfg.streams or world_size * max(1, tcfg.num_workers)
+    streams = tcfg.streams or default_streams(tcfg.batch_size)
     if streams % world_size:
-        raise ValueError(f"train.streams ({streams}) must be a multiple of the world size ({world_size})")
+        how = "train.streams" if tcfg.streams else f"the default for train.batch_size {tcfg.batch_size}"
+        raise ValueError(f"train.streams ({streams}, {how}) must be a multiple of the world size ({world_size}); "
+                         "set train.streams to a multiple of it that divides train.batch_size")
     if tcfg.batch_size % streams:
         raise ValueError(
             f"train.batch_size ({tcfg.batch_size}) must be a multiple of the number of data streams ({streams}; "
-            "train.streams, default world_size * num_workers)"
+            "train.streams)"
         )
     chunk = tcfg.batch_size // streams
     if tcfg.samples_per_epoch is not None:

@@ -40,13 +40,14 @@ class StepOutcome:
 
 
 def device_inputs(batch: Batch, image_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(images [n, 3, S, S], tokens [n, ctx], JPEGs that failed to decode) on `device`. With `train.gpu_decode`
-    the loader hands JPEG bytes, decoded here by nvjpeg (decode_jpeg reads the bytes on the CPU)."""
+    """(images [n, 3, S, S], tokens [n, ctx], images that could not be decoded) on `device`. With
+    `train.gpu_decode` the loader hands (JPEG bytes, crop box) pairs, decoded and cropped here; a pair whose image
+    no decoder can read is dropped, its caption with it (never replaced by another image)."""
     if isinstance(batch.images, list):
-        images, failed = gpu_decode_batch(batch.images, image_size, device)
-    else:
-        images, failed = batch.images.to(device, non_blocking=True), 0
-    return images, batch.tokens.to(device, non_blocking=True), failed
+        images, keep, failed = gpu_decode_batch(batch.images, image_size, device)
+        tokens = batch.tokens[keep] if failed else batch.tokens
+        return images, tokens.to(device, non_blocking=True), failed
+    return batch.images.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True), 0
 
 
 def train_step(state: TrainState, loss_fn: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor,

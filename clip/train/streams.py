@@ -2,7 +2,8 @@
 
 Guarantees (why a resume is exact and the batches do not depend on the number of ranks):
 
-* The data is cut into `L` **logical streams** (`train.streams`, default `world_size * max(1, num_workers)`).
+* The data is cut into `L` **logical streams** (`train.streams`; by default a function of the batch size
+  alone, clip/train/schedule.py `default_streams`).
   In sequential mode, epoch `e` orders the manifest's shards by a permutation drawn from `(seed, e)`, lays
   their samples end to end (N samples), and gives stream `s` the contiguous sample range
   `[s * N // L, (s + 1) * N // L)`: each stream reads one or a few shards (or part of one), so shards are split
