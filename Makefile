@@ -15,11 +15,13 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export MLFLOW_ENABLE_TELEMETRY := false
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
 .PHONY: pipeline test install install-test lint bench clean-artifacts
 
+# The whole job: the Prefect flow over the DVC stages (flows/pipeline.py); a rerun skips what did not change.
 pipeline: $(RUNTIME_STAMP)
-	$(VENV)/bin/clip-pipeline all
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m flows.pipeline
 
 test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
@@ -46,4 +48,4 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 
 clean-artifacts:
-	rm -rf data models reports mlruns mlartifacts mlflow.db
+	rm -rf data models reports mlruns mlartifacts mlflow.db dvc.lock .dvc/cache .dvc/tmp

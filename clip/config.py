@@ -96,6 +96,10 @@ class TrackingConfig(Section):
     artifact_location: str = Field(
         "mlartifacts", description="artifact root of the experiment; only used when the experiment is created")
     experiment: str = Field("clip", description="MLflow experiment name the runs are logged under")
+    parent_run_id: str | None = Field(
+        None, description="nest every stage run under this MLflow run (set by the pipeline flow for one execution)")
+    run_tags: dict[str, str] = Field(
+        default_factory=dict, description="extra tags on every stage run (the flow sets the Prefect flow run id)")
 
 
 class ComputeConfig(Section):
@@ -280,6 +284,12 @@ class DedupConfig(Section):
     near_duplicates: bool = Field(True, description="remove near-duplicate images (pHash within near_dup_threshold)")
     eval_dirs: list[str] = Field(
         default_factory=list, description="evaluation image folders to decontaminate against")
+    eval_datasets: list[str] | None = Field(
+        None, description="evaluation datasets of the registry (clip.evalsets) to decontaminate against, every "
+                          "split, read through the evaluation loaders; null: the evaluation stage's "
+                          "evaluate.datasets (one list of evaluation data); [] : none")
+    eval_root: str | None = Field(
+        None, description="where those datasets lie (their folders under it); null: evaluate.data_root")
     decontaminate_synthetic: bool | None = Field(
         None, description="also decontaminate against the built-in synthetic evaluation sets; null: only when the "
                           "raw pool came from the synthetic source (its stats.json says so)")
@@ -300,15 +310,18 @@ class ShardConfig(Section):
     input_dir: Uri = Field("data/raw", description="the collect stage's output (local path or s3://bucket/prefix)")
     dedup_dir: str = Field("data/dedup", description="the dedup stage's output (its keep-list is applied)")
     output: Uri = Field(
-        "data/shards", description="local folder or s3://bucket/prefix: where the data version is published")
+        "data/shards", description="local folder or s3://bucket/prefix: each data version is published to "
+                                   "<output>/<data_version>/ (never rewritten), then <output>/latest.json points at it")
     staging_dir: str = Field(
-        "data/shards-staging", description="local tars are written here before upload when output is s3")
+        "data/shards-staging", description="local folder for shards on their way to S3 (at most upload_workers at "
+                                           "once, each deleted once uploaded) and for raw shards read from S3")
     samples_per_shard: PositiveInt = Field(1000, description="samples per training shard")
     max_shard_bytes: PositiveInt = Field(
         256 * 1024 * 1024,
         description="a shard is cut before it grows past this many bytes (a larger single sample gets a shard alone)")
     seed: int = Field(0, description="seed of the shuffle of samples across shards")
-    upload_workers: PositiveInt = Field(8, description="parallel shard uploads when output is s3")
+    upload_workers: PositiveInt = Field(
+        8, description="parallel shard uploads when output is s3; also the most shard files on local disk at once")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,7 +351,8 @@ class TrainConfig(Section):
 
     model: str = Field("tiny-vit", description="model preset name (clip.model list_models(), e.g. tiny-vit, ViT-B-32)")
     data: Uri = Field(
-        "data/shards", description="the shard stage's output (folder or s3:// prefix holding manifest.json)")
+        "data/shards", description="the shard stage's output (folder or s3:// prefix): its latest.json is read once at "
+                                   "the start and the run trains on that data version; or one version's folder")
     output: Uri | None = Field(
         None, description="where checkpoints, final.pt, tokenizer.json and metrics.json go (path or s3://); null: "
                           "models/runs/<model>-<data_version[:12]>/, so new data starts a new run and the same data "
@@ -411,34 +425,65 @@ class TrainConfig(Section):
 class ExportConfig(Section):
     """export: ONNX encoders + tokenizer + preprocessing, checked against the checkpoint -> models/bundle/."""
 
-    checkpoint: Uri = Field(
-        "models/checkpoints", description="a checkpoint file or the train output folder (newest final)")
-    output_dir: str = Field("models/bundle", description="where the exported bundle is written")
-    opset: Annotated[int, Field(ge=13)] = Field(17, description="ONNX opset version")
-    atol: PositiveFloat = Field(
-        1e-4, description="largest absolute difference allowed between ONNX and PyTorch outputs")
+    checkpoint: Uri | None = Field(
+        None, description="a checkpoint file (final.pt) or a training run folder (its final.pt); null: the newest "
+                          "finished run under export.runs_dir (by modification time)")
+    runs_dir: Uri = Field("models/runs", description="where training runs are looked for when checkpoint is null")
+    output_dir: Uri = Field(
+        "models/bundle", description="where the bundle is written (local folder or s3://bucket/prefix); replaced "
+                                     "only once the new export passed the parity gate")
+    opset: Annotated[int, Field(ge=18)] = Field(18, description="ONNX opset version (18 or newer)")
+    parity_min_cosine: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.9999, description="parity gate: smallest cosine similarity allowed between an ONNX embedding and the "
+                            "PyTorch float32 one (every image and text pair)")
+    parity_max_abs_diff: PositiveFloat = Field(
+        1e-4, description="parity gate: largest absolute difference allowed between the normalised ONNX and "
+                          "PyTorch embeddings")
+    parity_seed: int = Field(0, description="seed of the parity gate's random images")
+    int8: bool = Field(
+        False, description="also write a dynamically quantized int8 image encoder beside the float one "
+                           "(image_encoder.int8.onnx; its size, speed and embedding difference in the metrics)")
 
 
 class EvaluateConfig(Section):
     """evaluate: zero-shot and linear-probe evaluation -> reports/eval/."""
 
-    bundle: str = Field("models/bundle", description="the exported bundle to evaluate")
-    output_dir: str = Field("reports/eval", description="results table and plots")
-    data_root: str = Field("data/eval", description="real evaluation datasets, when present on disk")
-    datasets: list[str] = Field(default_factory=lambda: ["synthetic"], description="evaluation datasets to run")
+    bundle: Uri = Field("models/bundle", description="the export stage's bundle to evaluate (onnxruntime; the default)")
+    checkpoint: Uri | None = Field(
+        None, description="a PyTorch checkpoint (final.pt, or a run folder) to evaluate instead of the bundle")
+    output_dir: Uri = Field("reports/eval", description="results table and plots (local folder or s3://)")
+    data_root: str = Field("data/eval", description="folder holding the real evaluation datasets (--root)")
+    datasets: list[str] = Field(
+        default_factory=lambda: ["synthetic"],
+        description="datasets to evaluate: registry keys (clip.eval.list_datasets()), flickr30k / coco (retrieval), "
+                    "synthetic-shapes / synthetic-colors / synthetic-heldout, or 'synthetic' for all three")
     batch_size: PositiveInt = Field(256, description="images per evaluation batch")
+    workers: PositiveInt = Field(4, description="threads decoding and preprocessing images ahead of the encoder")
     linear_probe: bool = Field(True, description="also fit and score linear probes on the image features")
+    probe_workers: PositiveInt = Field(2, description="logistic regressions fitted in parallel during the C search")
+    cache_dir: Uri | None = Field(
+        "data/eval_features", description="cache of extracted features per (model, dataset, split); null: no cache")
+    synthetic_samples: PositiveInt = Field(300, description="images per split of each built-in synthetic set")
+    synthetic_seed: NonNegativeInt = Field(0, description="seed of the built-in synthetic sets (test; train: +1)")
+    synthetic_heldout_fraction: float | None = Field(
+        None, ge=0.0, lt=1.0,
+        description="held-out colour x shape share of synthetic-heldout; set it to collect.synthetic.heldout_fraction "
+                    "when that is not the default (null: the generator's default)")
+    plots: bool = Field(True, description="write PNG plots (per-dataset bars, confusion matrices)")
 
 
 class PromoteConfig(Section):
     """promote: register the model in MLflow; move the champion alias only if it is better."""
 
-    model_name: str = Field("clip", description="MLflow registered model name")
-    alias: str = Field("champion", description="alias moved to the new version when it beats the current one")
-    metric: str = Field(
-        "zeroshot_top1_mean", description="evaluation metric compared between the new model and the alias holder")
+    bundle: Uri = Field("models/bundle", description="the export stage's bundle, registered as a new model version")
+    results: Uri = Field("reports/eval/results.json", description="the evaluation stage's results table")
+    model_name: str | None = Field(
+        None, description="MLflow registered model name; null: named after the model config (clip-<model>)")
+    alias: str = Field("champion", description="alias moved to the new version when it beats the current holder")
+    challenger_alias: str = Field("challenger", description="alias the new version gets when it does not")
+    task: str = Field("zeroshot", description="the evaluation rows compared (zeroshot | linear_probe | retrieval)")
     min_improvement: float = Field(
-        0.0, description="the new model must beat the alias holder's metric by more than this")
+        0.0, description="the new mean must beat the champion's by more than this (same datasets on both sides)")
 
 
 class PipelineConfig(Section):

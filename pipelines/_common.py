@@ -105,11 +105,40 @@ def execute_stage(stage: str, cfg: PipelineConfig, progress: Progress | None = N
     """
     if run is None:
         run = importlib.import_module(f"pipelines.{stage}").run
+    cfg = with_lineage(stage, cfg)
     with rich_progress(console) if progress is None else nullcontext(progress) as sink:
         result = run(cfg, sink)
     if is_rank_zero():  # the ranks of a torchrun job all return the same metrics: one writer
         result.outputs["metrics"] = write_metrics(metrics_uri(stage), result.metrics, cfg.storage)
     return result
+
+
+PARENT_RUN_ENV = "CLIP_MLFLOW_PARENT_RUN_ID"  # set by flows/pipeline.py: the execution's parent MLflow run
+FLOW_RUN_ENV = "CLIP_PREFECT_FLOW_RUN_ID"
+
+
+def params_hash(cfg: PipelineConfig, stage: str) -> str:
+    """sha256 (16 hex) of the stage's own section of the resolved config: what DVC tracks for it."""
+    import hashlib
+    import json
+
+    section = getattr(cfg, stage, None)
+    data = section.model_dump(mode="json") if section is not None else {}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def with_lineage(stage: str, cfg: PipelineConfig) -> PipelineConfig:
+    """The config with the lineage tags every MLflow run of this stage carries: the stage, its params hash, and,
+    under the pipeline flow, the parent run of the execution, the Prefect flow run id and the DVC stage."""
+    tags = {**cfg.tracking.run_tags, "stage": stage, "params_hash": params_hash(cfg, stage)}
+    if os.environ.get(FLOW_RUN_ENV):
+        tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    if os.environ.get("DVC_ROOT") or os.environ.get("DVC_STAGE"):  # exported by `dvc repro` to its commands
+        tags["dvc_stage"] = os.environ.get("DVC_STAGE", stage)
+    update: dict[str, object] = {"run_tags": tags}
+    if os.environ.get(PARENT_RUN_ENV) and not cfg.tracking.parent_run_id:
+        update["parent_run_id"] = os.environ[PARENT_RUN_ENV]
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update=update)})
 
 
 def is_rank_zero() -> bool:

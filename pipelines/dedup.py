@@ -9,15 +9,28 @@ Reads the raw shards in `dedup.input_dir`; writes keep.parquet, removed.parquet 
 
 from __future__ import annotations
 
-from clip.config import PipelineConfig
+from clip.config import DedupConfig, PipelineConfig
 from clip.dedup import stage
 from clip.progress import Progress
 from clip.result import StageResult
 from pipelines._common import stage_main
 
 
+def dedup_section(cfg: PipelineConfig) -> DedupConfig:
+    """The dedup section with its evaluation data resolved: null `eval_datasets` / `eval_root` follow the
+    evaluation stage's `evaluate.datasets` / `evaluate.data_root`, so evaluation data is named once and the
+    training pool can never contain it."""
+    update = {}
+    if cfg.dedup.eval_datasets is None:
+        update["eval_datasets"] = list(cfg.evaluate.datasets)
+    if cfg.dedup.eval_root is None:
+        update["eval_root"] = cfg.evaluate.data_root
+    return cfg.dedup.model_copy(update=update)
+
+
 def run(cfg: PipelineConfig, progress: Progress | None = None) -> StageResult:
-    return stage.run(cfg.dedup, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking, progress=progress)
+    return stage.run(dedup_section(cfg), storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking,
+                     progress=progress)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,8 @@
 
 Reads `shard.dedup_dir`'s keep-list and the raw shards in `shard.input_dir`; writes shard-NNNNN.tar, sizes.json
 and manifest.json (last) to `shard.output`, a local folder or s3:// (docs/formats.md), metrics to
-reports/metrics/shard.json.
+reports/metrics/shard.json. When a Prefect API is configured (PREFECT_API_URL), emits `clip.data.published` with
+the version (pipelines/events.py), which starts the on-new-data deployment.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from clip.progress import Progress
 from clip.result import StageResult
 from clip.shards import stage
 from pipelines._common import stage_main
+from pipelines.events import emit_data_published
 
 
 def run(cfg: PipelineConfig, progress: Progress | None = None) -> StageResult:
-    return stage.run(cfg.shard, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking, progress=progress)
+    result = stage.run(cfg.shard, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking, progress=progress)
+    # Event-triggered retraining (flows/deploy.py): tell a configured Prefect API that a data version is out.
+    emit_data_published(str(result.metrics.get("data_version", "")), cfg.shard.output)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,13 +31,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from clip import storage
 from clip.config import ComputeConfig, PipelineConfig, dump_config
+from clip.formats.metrics import TRAIN_LOSS_PLOT, plots_uri
 from clip.progress import Progress
 from clip.result import StageResult
 from clip.train import stage
 from clip.train.distributed import under_launcher
 from clip.train.report import load_result
-from pipelines._common import stage_main
+from pipelines._common import is_rank_zero, stage_main
 
 WORKER_MODULE = "pipelines.train"
 
@@ -46,9 +48,22 @@ def run(cfg: PipelineConfig, progress: Progress | None = None) -> StageResult:
     """Train: in this process (a launched worker, or the whole job when one process is asked for), or through
     torchrun, waiting for it (its result is read back from train.output)."""
     if under_launcher() or is_single_process(cfg.compute):
-        return stage.run(cfg.train, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking,
-                         progress=progress, debug=cfg.debug)
-    return launch_torchrun(cfg)
+        result = stage.run(cfg.train, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking,
+                           progress=progress, debug=cfg.debug)
+    else:
+        result = launch_torchrun(cfg)
+    if is_rank_zero():
+        publish_loss_curve(result, cfg)
+    return result
+
+
+def publish_loss_curve(result: StageResult, cfg: PipelineConfig) -> None:
+    """The run's loss curve copied to reports/plots/train_loss.csv, where `dvc plots show` reads it (local, like
+    the metrics; the run folder may be on S3)."""
+    source = result.outputs.get("loss_curve")
+    if not source or not storage.exists(source, cfg.storage):
+        return
+    storage.write_bytes(plots_uri(TRAIN_LOSS_PLOT), storage.read_bytes(source, cfg.storage))
 
 
 def is_single_process(compute: ComputeConfig) -> bool:
@@ -84,6 +99,9 @@ def launch_torchrun(cfg: PipelineConfig) -> StageResult:
     """Run the job under torchrun and wait for it; the result is the run's metrics.json (empty when this node
     has no copy of train.output, e.g. a node other than rank 0's writing to a local folder)."""
     nproc = cfg.compute.nproc_per_node
+    # One data version for the whole job: the workers, their restarts and the result read below all use the
+    # version folder latest.json names now, whatever is published meanwhile.
+    cfg = cfg.model_copy(update={"train": stage.pin_data_version(cfg.train, cfg.storage)})
     # The params file lives as long as torchrun: restarted workers read it again.
     with tempfile.TemporaryDirectory(prefix="clip-train-") as folder:
         cmd = torchrun_command(write_worker_params(cfg, folder), cfg.compute)

@@ -470,3 +470,42 @@ def test_synthetic_decontamination_defaults_to_synthetic_pools(tmp_path: Path, s
     assert cfg.decontaminate_synthetic is None
     metrics = run_dedup(cfg).metrics
     assert any(name.startswith("synthetic/") for name in metrics["eval_sets"]) is expected
+
+
+def test_evaluation_datasets_are_named_once_and_read_through_the_evaluation_loaders(tmp_path: Path) -> None:
+    """evaluate.datasets / evaluate.data_root are also what dedup decontaminates against (dedup.eval_datasets
+    null): a DTD-layout dataset on disk, copies of its images (any split) in the pool, removed and reported."""
+    from clip.config import load_config
+    from pipelines import dedup as dedup_pipeline
+
+    rng = np.random.default_rng(5)
+    base = tmp_path / "eval" / "dtd" / "dtd"
+    eval_images = {}
+    for split, classes in {"train": ["banded", "zigzagged"], "val": ["banded"], "test": ["zigzagged", "banded"]}.items():
+        lines = []
+        for i, name in enumerate(classes):
+            rel = f"{name}/{name}_{split}{i}.png"
+            (base / "images" / name).mkdir(parents=True, exist_ok=True)
+            eval_images[f"{split}/{base / 'images' / rel}"] = scene = random_scene(rng)
+            scene.save(base / "images" / rel)
+            lines.append(rel)
+        (base / "labels").mkdir(parents=True, exist_ok=True)
+        (base / "labels" / f"{split}1.txt").write_text("\n".join(lines) + "\n")
+    ids = sorted(eval_images)
+    samples = [(f"{i:09d}", sample_record(f"{i:09d}", random_scene(rng), f"train {i}")) for i in range(20)]
+    planted = {f"{100 + j:09d}": ids[j] for j in (0, 3)}
+    for key, eval_id in planted.items():
+        samples.append((key, sample_record(key, reencode(eval_images[eval_id], 50), "leak")))
+    write_raw_shards(tmp_path / "raw", samples, per_shard=10)
+
+    cfg = load_config(None, [f"dedup.input_dir={tmp_path / 'raw'}", f"dedup.output_dir={tmp_path / 'dedup'}",
+                             "dedup.decontaminate_synthetic=false", "evaluate.datasets=[dtd, cifar10]",
+                             f"evaluate.data_root={tmp_path / 'eval'}"])
+    section = dedup_pipeline.dedup_section(cfg)
+    assert section.eval_datasets == ["dtd", "cifar10"] and section.eval_root == str(tmp_path / "eval")
+    run_dedup(section)
+    removed = {r["key"]: r for r in pq.read_table(tmp_path / "dedup" / "removed.parquet").to_pylist()}
+    assert {k: r["duplicate_of"] for k, r in removed.items()} == {k: f"dtd:{v}" for k, v in planted.items()}
+    report = json.loads((tmp_path / "dedup" / "overlap_report.json").read_text())
+    assert report["dtd"]["matched"] == 2 and report["dtd"]["eval_images"] == len(ids)
+    assert "cifar10" not in report  # absent on disk: nothing to decontaminate against

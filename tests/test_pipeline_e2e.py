@@ -35,7 +35,14 @@ def test_pipeline_all_on_the_embedded_default(tmp_path: Path) -> None:
         args += ["--set", override]
     result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "not built yet" in result.stderr  # later stages are named, not silently missing
+    assert "not built yet" not in result.stderr
+    for stage in ("collect", "dedup", "shard", "train", "export", "evaluate", "promote"):
+        assert (tmp_path / f"reports/metrics/{stage}.json").exists(), stage
+    # the tiny model learned: zero-shot on the synthetic sets well above chance; the first version is champion
+    evaluation = json.loads((tmp_path / "reports/metrics/evaluate.json").read_text())
+    assert evaluation["synthetic-colors/zeroshot"] > 2 / 8, evaluation  # 8 colours: chance is 1/8
+    assert json.loads((tmp_path / "reports/metrics/promote.json").read_text())["decision"] == "champion"
+    assert (tmp_path / "models/bundle/manifest.json").exists() and (tmp_path / "reports/eval/results.md").exists()
 
     queries = (tmp_path / "data/queries.txt").read_text().splitlines()
     assert queries and queries == sorted(set(queries))
@@ -52,12 +59,14 @@ def test_pipeline_all_on_the_embedded_default(tmp_path: Path) -> None:
     removed = pd.read_parquet(tmp_path / "data/dedup/removed.parquet")
     assert len(keep) + len(removed) == 384 and len(keep) > 300
 
-    manifest = json.loads((tmp_path / "data/shards/manifest.json").read_text())
-    assert manifest["total_samples"] == len(keep)
+    # The data version lives in its own folder; latest.json points at it (docs/formats.md).
+    version = json.loads((tmp_path / "data/shards/latest.json").read_text())["data_version"]
+    manifest = json.loads((tmp_path / "data/shards" / version / "manifest.json").read_text())
+    assert manifest["total_samples"] == len(keep) and manifest["data_version"] == version
     assert metrics["dedup"]["kept"] == len(keep) and metrics["shard"]["data_version"] == manifest["data_version"]
     shard_keys = set()
     for shard in manifest["shards"]:
-        with tarfile.open(tmp_path / "data/shards" / shard["name"]) as tar:
+        with tarfile.open(tmp_path / "data/shards" / version / shard["name"]) as tar:
             shard_keys |= {m.name.rsplit(".", 1)[0] for m in tar.getmembers()}
     assert shard_keys == set(keep["key"])
 
@@ -85,7 +94,7 @@ def test_pipeline_all_on_the_embedded_default(tmp_path: Path) -> None:
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("clip")
-    runs = client.search_runs([experiment.experiment_id])
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "train"]
     assert len(runs) == 1
     assert runs[0].data.tags["data_version"] == manifest["data_version"]
     history = client.get_metric_history(runs[0].info.run_id, "loss")  # every step, all flushed before the run ended
@@ -98,11 +107,14 @@ def test_pipeline_all_on_the_embedded_default(tmp_path: Path) -> None:
 
     first_final = checkpoints / "final.pt"
     first_digest = hashlib.sha256(first_final.read_bytes()).hexdigest()
+    first_version_files = {p: p.read_bytes() for p in (tmp_path / "data/shards" / version).iterdir()}
     rerun = subprocess.run([*args, "--set", "collect.seed=1"], cwd=tmp_path, capture_output=True, text=True,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    second_manifest = json.loads((tmp_path / "data/shards/manifest.json").read_text())
+    second_version = json.loads((tmp_path / "data/shards/latest.json").read_text())["data_version"]
+    second_manifest = json.loads((tmp_path / "data/shards" / second_version / "manifest.json").read_text())
     assert second_manifest["data_version"] != manifest["data_version"]
+    assert {p: p.read_bytes() for p in (tmp_path / "data/shards" / version).iterdir()} == first_version_files
     second = tmp_path / "models/runs" / f"{checkpoints.name.rsplit('-', 1)[0]}-{second_manifest['data_version'][:12]}"
     assert torch.load(second / "final.pt", weights_only=True)["data_version"] == second_manifest["data_version"]
     assert hashlib.sha256(first_final.read_bytes()).hexdigest() == first_digest

@@ -55,9 +55,20 @@ def shard_cfg(root: Path, out: Path, **overrides) -> ShardConfig:
     return ShardConfig(**values)
 
 
-def check_published(out: Path) -> dict:
-    """manifest.json and sizes.json agree with the tars on disk; returns the manifest."""
+def version_dir(out: Path) -> Path:
+    """The version folder `latest.json` names (docs/formats.md: <output>/<data_version>/)."""
+    pointer = json.loads((out / "latest.json").read_text())
+    assert pointer["format"] == "clip-pipeline/shards-latest/v1"
+    assert pointer["manifest"] == f"{pointer['data_version']}/manifest.json"
+    return out / pointer["data_version"]
+
+
+def check_published(root: Path) -> dict:
+    """The pointer names a version folder whose manifest.json and sizes.json agree with its tars; returns the
+    manifest."""
+    out = version_dir(root)
     manifest = json.loads((out / "manifest.json").read_text())
+    assert out.name == manifest["data_version"]
     sizes = json.loads((out / "sizes.json").read_text())
     tars = sorted(p.name for p in out.glob("shard-*.tar"))
     assert [s["name"] for s in manifest["shards"]] == tars
@@ -82,10 +93,11 @@ def test_round_trip_with_webdataset_reader(raw_pool, tmp_path: Path) -> None:
     result = run_shard(shard_cfg(root, out), progress)
     manifest = check_published(out)
     assert result.metrics["data_version"] == result.data_version == manifest["data_version"]
-    assert result.total_samples == len(keep) and result.outputs["manifest"] == str(out / "manifest.json")
+    folder = out / manifest["data_version"]
+    assert result.total_samples == len(keep) and result.outputs["manifest"] == str(folder / "manifest.json")
     shards = len(manifest["shards"])
     assert progress.last["writing shards"][:2] == progress.last["publishing shards"][:2] == (shards, shards)
-    urls = [str(out / s["name"]) for s in manifest["shards"]]
+    urls = [str(folder / s["name"]) for s in manifest["shards"]]
     seen = []
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         key = sample["__key__"]
@@ -123,8 +135,10 @@ def test_rerun_is_byte_identical_and_seed_changes_version(raw_pool, tmp_path: Pa
     second = run_shard(shard_cfg(root, tmp_path / "b")).metrics
     again = run_shard(shard_cfg(root, tmp_path / "a")).metrics  # same folder again
     assert first["data_version"] == second["data_version"] == again["data_version"]
-    for tar in (tmp_path / "a").glob("shard-*.tar"):
-        assert tar.read_bytes() == (tmp_path / "b" / tar.name).read_bytes()
+    tars = list(version_dir(tmp_path / "a").glob("shard-*.tar"))
+    assert tars
+    for tar in tars:
+        assert tar.read_bytes() == (version_dir(tmp_path / "b") / tar.name).read_bytes()
         with tarfile.open(tar) as archive:
             for member in archive.getmembers():
                 assert (member.mtime, member.uid, member.gid, member.uname, member.gname, member.mode) == \
@@ -133,16 +147,58 @@ def test_rerun_is_byte_identical_and_seed_changes_version(raw_pool, tmp_path: Pa
     assert other["data_version"] != first["data_version"]
 
 
-def test_republish_replaces_version_and_removes_stale_shards(raw_pool, tmp_path: Path) -> None:
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_new_version_gets_its_own_folder_and_never_touches_the_old_one(raw_pool, tmp_path: Path) -> None:
+    """Issue 11.1: publishing v2 adds <output>/<v2>/ and moves latest.json; v1's objects stay byte-identical and
+    reading v1's folder directly still gives v1. The old code replaced shard-*.tar in place."""
+    from clip.formats.manifest import read_manifest
+
     root, _, keep = raw_pool
     out = tmp_path / "shards"
-    run_shard(shard_cfg(root, out, samples_per_shard=5))
-    many = len(list(out.glob("shard-*.tar")))
-    metrics = run_shard(shard_cfg(root, out, samples_per_shard=40, max_shard_bytes=10**9, seed=3)).metrics
-    manifest = check_published(out)  # no stale shard-*.tar left beside the new manifest
-    assert len(manifest["shards"]) < many and metrics["removed_stale"] == many - len(manifest["shards"])
-    assert manifest["total_samples"] == len(keep)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staged temp files left
+    first = run_shard(shard_cfg(root, out, samples_per_shard=5)).metrics
+    v1 = out / first["data_version"]
+    before = tree_digest(v1)
+    second = run_shard(shard_cfg(root, out, samples_per_shard=40, max_shard_bytes=10**9, seed=3)).metrics
+    assert second["data_version"] != first["data_version"] and second["pointer_moved"]
+    manifest = check_published(out)
+    assert manifest["data_version"] == second["data_version"] and manifest["total_samples"] == len(keep)
+    assert tree_digest(v1) == before  # v1 untouched
+    assert read_manifest(str(v1)).data_version == first["data_version"]
+    assert read_manifest(str(out)).data_version == second["data_version"]  # the root resolves the pointer
+    assert sorted(p.name for p in out.iterdir()) == sorted(["latest.json", first["data_version"],
+                                                            second["data_version"]])  # no staging left
+
+
+def test_publishing_the_same_version_again_is_a_no_op(raw_pool, tmp_path: Path) -> None:
+    root, _, _ = raw_pool
+    out = tmp_path / "shards"
+    first = run_shard(shard_cfg(root, out)).metrics
+    pointer = (out / "latest.json").read_bytes()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = run_shard(shard_cfg(root, out)).metrics
+    assert again["data_version"] == first["data_version"]
+    assert again["already_published"] and not again["pointer_moved"] and again["uploaded"] == 0
+    assert (out / "latest.json").read_bytes() == pointer
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing rewritten
+
+
+def test_altered_published_shard_is_refused_on_republish(raw_pool, tmp_path: Path) -> None:
+    """Republishing re-verifies: a published shard whose bytes changed is named, the pointer stays."""
+    from clip.shards import PublishError
+
+    root, _, _ = raw_pool
+    out = tmp_path / "shards"
+    run_shard(shard_cfg(root, out))
+    victim = version_dir(out) / "shard-00001.tar"
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(PublishError, match="shard-00001.tar"):
+        run_shard(shard_cfg(root, out))
 
 
 def test_tar_writer_matches_tarfile_reading(tmp_path: Path) -> None:
@@ -177,6 +233,7 @@ def test_pipeline_entry_point(raw_pool, tmp_path: Path, monkeypatch: pytest.Monk
     on_disk = json.loads((tmp_path / "reports" / "metrics" / "shard.json").read_text())
     assert on_disk["total_samples"] == len(keep) == result.metrics["total_samples"]
     assert on_disk["data_version"] == check_published(tmp_path / "out")["data_version"]
+    assert on_disk["location"] == str(tmp_path / "out" / on_disk["data_version"])
 
 
 STALE_ADVICE = "does not match the raw pool in"
@@ -219,7 +276,7 @@ def test_stale_keep_list_is_refused_before_writing(tmp_path: Path) -> None:
     metrics = run_shard(cfg).metrics
     manifest = check_published(out)
     assert metrics["total_samples"] == manifest["total_samples"] == keep_table.num_rows
-    urls = [str(out / s["name"]) for s in manifest["shards"]]
+    urls = [str(version_dir(out) / s["name"]) for s in manifest["shards"]]
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         assert sample["jpg"] == pool_b[sample["__key__"]]["jpg"]
 

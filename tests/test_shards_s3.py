@@ -35,13 +35,17 @@ def cfg_for(root: Path, bucket: str) -> ShardConfig:
 
 
 def shard_puts(proxy, name: str) -> int:
-    return proxy.count("PUT", rf"/data/shards/{name}(\?|$)")
+    return proxy.count("PUT", rf"/data/shards/[0-9a-f]{{64}}/{name}(\?|$)")
 
 
-def check_remote(prefix: str, cfg: StorageConfig) -> dict:
-    """The manifest names exactly the shards present, each with its listed size and content hash."""
-    store = storage.get_storage(prefix, cfg)
+def check_remote(root: str, cfg: StorageConfig) -> dict:
+    """latest.json names a version folder whose manifest names exactly the shards present, each with its listed
+    size and content hash."""
+    store = storage.get_storage(root, cfg)
+    pointer = json.loads(store.read_bytes(storage.join(root, "latest.json")))
+    prefix = storage.join(root, pointer["data_version"])
     manifest = json.loads(store.read_bytes(storage.join(prefix, "manifest.json")))
+    assert manifest["data_version"] == pointer["data_version"]
     listed = {o.uri.rsplit("/", 1)[-1]: o.size for o in store.list(prefix)}
     assert sorted(n for n in listed if n.startswith("shard-")) == [s["name"] for s in manifest["shards"]]
     for entry in manifest["shards"]:
@@ -58,10 +62,11 @@ def test_publish_survives_5xx_and_dropped_connections(s3_faulty_bucket, pool) ->
     bucket, proxy = s3_faulty_bucket
     root, keep = pool
     storage_cfg = StorageConfig(max_attempts=6, backoff_base_s=0.01)
-    proxy.add(method="PUT", path_regex=r"/data/shards/shard-00001\.tar", action="503", times=2)
-    proxy.add(method="PUT", path_regex=r"/data/shards/shard-00002\.tar", action="drop_mid_body", times=1)
-    proxy.add(method="PUT", path_regex=r"/data/shards/shard-00003\.tar", action="500", times=1)
-    proxy.add(method="PUT", path_regex=r"/data/shards/manifest\.json", action="drop", times=1)
+    proxy.add(method="PUT", path_regex=r"/data/shards/\w+/shard-00001\.tar", action="503", times=2)
+    proxy.add(method="PUT", path_regex=r"/data/shards/\w+/shard-00002\.tar", action="drop_mid_body", times=1)
+    proxy.add(method="PUT", path_regex=r"/data/shards/\w+/shard-00003\.tar", action="500", times=1)
+    proxy.add(method="PUT", path_regex=r"/data/shards/\w+/manifest\.json", action="drop", times=1)
+    proxy.add(method="PUT", path_regex=r"/data/shards/latest\.json", action="503", times=1)
     metrics = run_shard(cfg_for(root, bucket), storage_cfg).metrics
     assert proxy.pending() == 0  # every fault fired
     manifest = check_remote(f"s3://{bucket}/data/shards", storage_cfg)
@@ -76,11 +81,12 @@ def test_failed_publish_leaves_no_manifest_and_rerun_sends_only_missing(s3_fault
     prefix = f"s3://{bucket}/data/shards"
     storage_cfg = StorageConfig(max_attempts=2, backoff_base_s=0.01)
     # shard-00002 fails every attempt: retries are exhausted and the run must fail without a manifest.
-    proxy.add(method="PUT", path_regex=r"/data/shards/shard-00002\.tar", action="503", times=100)
+    proxy.add(method="PUT", path_regex=r"/data/shards/\w+/shard-00002\.tar", action="503", times=100)
     with pytest.raises(PublishError, match="shard-00002"):
         run_shard(cfg_for(root, bucket), storage_cfg)
     store = storage.get_storage(prefix, storage_cfg)
-    assert not store.exists(storage.join(prefix, "manifest.json"))
+    assert not store.exists(storage.join(prefix, "latest.json"))
+    assert not [o for o in store.list(prefix) if o.uri.endswith("manifest.json")]
     present = sorted(o.uri.rsplit("/", 1)[-1] for o in store.list(prefix))
     num_shards = -(-len(keep) // 8)
     assert present == [f"shard-{i:05d}.tar" for i in range(num_shards) if i != 2]
@@ -99,26 +105,62 @@ def test_failed_publish_leaves_no_manifest_and_rerun_sends_only_missing(s3_fault
     proxy.reset_counts()
     again = run_shard(cfg_for(root, bucket), storage_cfg).metrics
     assert again["data_version"] == metrics["data_version"] and again["uploaded"] == 0
-    assert proxy.count("PUT", r"/data/shards/shard-") == 0
+    assert proxy.count("PUT", r"/data/shards/") == 0 and again["already_published"]
 
 
-def test_new_version_hides_old_manifest_before_shards_change(s3_faulty_bucket, pool) -> None:
+def test_new_version_never_touches_the_old_one(s3_faulty_bucket, pool) -> None:
+    """Issue 11.1: a failed v2 publish leaves latest.json on v1; a successful one moves it; v1's objects are
+    byte-unchanged throughout (the old code withdrew the manifest and overwrote shards in place)."""
     bucket, proxy = s3_faulty_bucket
     root, _ = pool
     prefix = f"s3://{bucket}/data/shards"
     storage_cfg = StorageConfig(max_attempts=2, backoff_base_s=0.01)
-    run_shard(cfg_for(root, bucket), storage_cfg)
-    # A different seed rewrites every shard; make its upload fail after the old manifest was withdrawn.
-    proxy.add(method="PUT", path_regex=r"/data/shards/shard-00000\.tar", action="503", times=100)
+    v1 = run_shard(cfg_for(root, bucket), storage_cfg).metrics["data_version"]
+    store = storage.get_storage(prefix, storage_cfg)
+
+    def v1_objects() -> dict[str, str]:
+        return {o.uri: hashlib.sha256(store.read_bytes(o.uri)).hexdigest()
+                for o in store.list(storage.join(prefix, v1))}
+
+    before = v1_objects()
+    proxy.add(method="PUT", path_regex=r"/data/shards/\w+/shard-00000\.tar", action="503", times=100)
     cfg = cfg_for(root, bucket)
     cfg.seed = 7
     with pytest.raises(PublishError):
         run_shard(cfg, storage_cfg)
-    store = storage.get_storage(prefix, storage_cfg)
-    assert not store.exists(storage.join(prefix, "manifest.json"))  # never names a shard that changed
+    assert json.loads(store.read_bytes(storage.join(prefix, "latest.json")))["data_version"] == v1
+    assert v1_objects() == before
     proxy.clear()
     metrics = run_shard(cfg, storage_cfg).metrics
+    assert metrics["data_version"] != v1
     assert check_remote(prefix, storage_cfg)["data_version"] == metrics["data_version"]
+    assert v1_objects() == before
+    assert proxy.count("DELETE", r"/data/shards/") == 0
+
+
+def test_s3_publish_keeps_local_disk_bounded(s3_bucket: str, tmp_path: Path, monkeypatch) -> None:
+    """Issue 11.5: with many shards, at most upload_workers shard files are on local disk at any time (the old
+    code wrote every shard to staging_dir before the first upload). Observed through a spy around the real
+    upload that counts the .tar files under staging_dir when each upload starts."""
+    samples = write_unique_pool(tmp_path / "raw", 60, 20, seed=3)
+    keep = {key: f"raw-{i // 20:05d}.tar" for i, key in enumerate(sorted(samples))}
+    write_keep(tmp_path / "dedup", keep, samples)
+    cfg = ShardConfig(input_dir=str(tmp_path / "raw"), dedup_dir=str(tmp_path / "dedup"),
+                      output=f"s3://{s3_bucket}/data/shards", staging_dir=str(tmp_path / "staging"),
+                      samples_per_shard=2, upload_workers=2)
+    seen: list[int] = []
+    real_upload = storage.S3Storage.upload_file
+
+    def counting_upload(self, local_path, uri):  # noqa: ANN001 - same signature as the real one
+        seen.append(len([p for p in (tmp_path / "staging").rglob("*.tar")]))
+        return real_upload(self, local_path, uri)
+
+    monkeypatch.setattr(storage.S3Storage, "upload_file", counting_upload)
+    metrics = run_shard(cfg).metrics
+    assert metrics["shards"] == 30 and len(seen) == 30
+    assert max(seen) <= 2 and metrics["peak_local_shards"] <= 2
+    assert not list((tmp_path / "staging").rglob("*.tar"))  # nothing left behind
+    check_remote(cfg.output, StorageConfig())
 
 
 def test_large_shard_goes_up_in_parts_through_faults(s3_faulty_bucket, tmp_path: Path) -> None:

@@ -91,6 +91,10 @@ def test_restart_with_more_loader_workers_resumes_exactly(tmp_path: Path) -> Non
     assert resumed.metrics["resumed_from_step"] == 10 and resumed.metrics["steps"] == 20
     reference, after = _keys_by_step(tmp_path / "ref.log"), _keys_by_step(tmp_path / "run.log")
     assert after == {s: reference[s] for s in range(11, 21)}
+    # the loss curve (dvc plots) is one curve across the restart: every log window once, in order
+    lines = (tmp_path / "run" / "loss_curve.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,lr,logit_scale,samples_per_s"
+    assert [int(line.split(",")[0]) for line in lines[1:]] == list(range(2, 21, 2))
 
 
 # 2. a resume that would re-map the saved data positions is refused

@@ -107,6 +107,50 @@ def hash_image_folder(folder: str | Path, name: str | None = None,
                    unreadable=unreadable, image_of=np.array(image_of, dtype=np.int64), color_check=False)
 
 
+def hash_registry_dataset(key: str, root: str | Path,
+                          progress: Callable[[int, int], None] | None = None) -> EvalSet | None:
+    """Hashes of every split of registry dataset `key` under `root`, read through the evaluation loaders
+    (clip.evalsets: the images the evaluation stage will score); None when its folder is absent. Ids are
+    `<split>/<sample id>`; undecodable images are listed as unreadable."""
+    from clip.evalsets import get_dataset
+
+    entry = get_dataset(key)
+    if not entry.available(root):
+        log.info("evaluation dataset %s: no data at %s, nothing to decontaminate against", key, entry.path(root))
+        return None
+    splits = [entry.load(root, split) for split in entry.splits]
+    total = sum(len(split) for split in splits)
+    ids: list[str] = []
+    hashes: list[int] = []
+    image_of: list[int] = []
+    unreadable: list[str] = []
+    done = 0
+    for split in splits:
+        for i in range(len(split)):
+            sample_id = f"{split.split}/{split.ids[i]}"
+            image = split.image(i)  # None: undecodable (the loader logs and counts it)
+            if image is None:
+                unreadable.append(sample_id)
+            else:
+                variant_hashes = [phash64(variant) for variant in hash_variants(image)]
+                hashes += variant_hashes
+                image_of += [len(ids)] * len(variant_hashes)
+                ids.append(sample_id)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return EvalSet(name=key, ids=ids, hashes=np.array(hashes, dtype=np.uint64), source=str(entry.path(root)),
+                   unreadable=unreadable, image_of=np.array(image_of, dtype=np.int64), color_check=False)
+
+
+def registry_keys(names: list[str]) -> list[str]:
+    """The registry datasets among evaluation names (the synthetic sets and other kinds are handled elsewhere)."""
+    from clip.evalsets import list_datasets
+
+    known = set(list_datasets())
+    return [name for name in names if name in known]
+
+
 def _stack(signatures: list[np.ndarray]) -> np.ndarray:
     return np.stack(signatures) if signatures else np.empty((0, SIGNATURE_LENGTH), np.float32)
 

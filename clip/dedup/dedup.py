@@ -26,7 +26,15 @@ import numpy as np
 from clip.compute import DaskRunner
 from clip.config import ComputeConfig, DedupConfig, StorageConfig
 from clip.dedup.color import PoolSignatures, signature_distance
-from clip.dedup.decontam import EvalSet, eval_set_names, find_overlap, hash_image_folder, synthetic_eval_sets
+from clip.dedup.decontam import (
+    EvalSet,
+    eval_set_names,
+    find_overlap,
+    hash_image_folder,
+    hash_registry_dataset,
+    registry_keys,
+    synthetic_eval_sets,
+)
 from clip.dedup.neardup import cluster_labels, find_near_pairs, find_near_pairs_dask
 from clip.dedup.pool import PoolMetadata
 from clip.formats.dedup import write_keep_list, write_overlap_report, write_removed_list
@@ -100,6 +108,10 @@ def load_eval_sets(cfg: DedupConfig, synthetic_image_size: int, progress: Progre
     sets = []
     for folder, name in zip(cfg.eval_dirs, eval_set_names(cfg.eval_dirs), strict=True):
         sets.append(hash_image_folder(folder, name, for_task(progress, f"hashing eval set {name}")))
+    for key in registry_keys(cfg.eval_datasets or []):
+        found = hash_registry_dataset(key, cfg.eval_root or ".", for_task(progress, f"hashing eval set {key}"))
+        if found is not None:
+            sets.append(found)
     if cfg.decontaminate_synthetic:
         sets.extend(synthetic_eval_sets(synthetic_image_size))
     return sets

@@ -28,7 +28,22 @@ TEXT_ENCODER_NAME = "text_encoder.onnx"
 TOKENIZER_NAME = "tokenizer.json"
 PREPROCESS_NAME = "preprocess.json"
 MODEL_CARD_NAME = "model_card.md"
+INT8_IMAGE_ENCODER_NAME = "image_encoder.int8.onnx"  # optional (export.int8): never replaces the float encoder
 REQUIRED_FILES = (IMAGE_ENCODER_NAME, TEXT_ENCODER_NAME, TOKENIZER_NAME, PREPROCESS_NAME)
+# model_card.md's evaluation section. The bundle never changes after export (its manifest, DVC and the parity
+# gate vouch for it): the evaluation stage writes the card with this section filled beside its results, and the
+# promote stage makes that the registered model version's description.
+EVALUATION_BEGIN = "<!-- evaluation:begin -->"
+EVALUATION_END = "<!-- evaluation:end -->"
+
+
+def fill_model_card(card: str, evaluation_markdown: str) -> str:
+    """The card with its evaluation section replaced (appended when the card has no marked section)."""
+    start, end = card.find(EVALUATION_BEGIN), card.find(EVALUATION_END)
+    body = f"{EVALUATION_BEGIN}\n{evaluation_markdown.strip()}\n{EVALUATION_END}"
+    if start < 0 or end < start:
+        return card.rstrip("\n") + "\n\n## Evaluation\n\n" + body + "\n"
+    return card[:start] + body + card[end + len(EVALUATION_END):]
 
 
 @dataclass(frozen=True)

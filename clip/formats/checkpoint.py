@@ -20,6 +20,7 @@ from clip.formats.errors import FormatError
 
 STEP_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 FINAL_NAME = "final.pt"
+LOSS_CURVE_NAME = "loss_curve.csv"  # in the run folder: step,loss,lr,logit_scale,samples_per_s per log window
 MODEL_KEYS = ("model", "model_config", "tokenizer", "train_config")
 TRAINING_STATE_KEYS = ("optimizer", "scheduler", "step", "samples_seen", "data_state", "rng", "data_version")
 RUNS_DIR = "models/runs"  # where runs go when train.output is not set: one folder per (model, data version)

@@ -14,6 +14,12 @@ from clip import storage
 from clip.config import StorageConfig
 
 METRICS_DIR = "reports/metrics"
+PLOTS_DIR = "reports/plots"  # data series for `dvc plots` (local, like the metrics)
+TRAIN_LOSS_PLOT = "train_loss.csv"
+
+
+def plots_uri(name: str, plots_dir: str = PLOTS_DIR) -> str:
+    return storage.join(plots_dir, name)
 
 
 def metrics_uri(stage: str, metrics_dir: str = METRICS_DIR) -> str:

@@ -30,6 +30,8 @@ class ResultRow:
     samples: int = 0
     status: str = "ok"  # ok | skipped
     note: str = ""  # why skipped: the path looked for
+    skipped: int = 0  # samples skipped because their image did not decode
+    details: str = ""  # secondary figures, e.g. "top1=0.81 top5=0.99 mean_per_class=0.80"
 
 
 @dataclass(frozen=True)
@@ -65,11 +67,13 @@ class ResultsTable:
         return out.getvalue()
 
     def to_markdown(self) -> str:
-        lines = ["| dataset | task | metric | value | samples | status |", "|---|---|---|---|---|---|"]
+        lines = ["| dataset | task | metric | value | samples | skipped | status | details |",
+                 "|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             value = "" if r.value is None else f"{r.value:.4f}"
             status = r.status if not r.note else f"{r.status} ({r.note})"
-            lines.append(f"| {r.dataset} | {r.task} | {r.metric} | {value} | {r.samples} | {status} |")
+            lines.append(f"| {r.dataset} | {r.task} | {r.metric} | {value} | {r.samples} | {r.skipped} | {status} "
+                         f"| {r.details} |")
         mean = self.mean
         lines.append(f"\nMean over {sum(r.status == 'ok' for r in self.rows)} evaluated rows: "
                      + ("n/a" if mean is None else f"{mean:.4f}"))

@@ -2,13 +2,15 @@
 
     from clip.shards import stage
     result = stage.run(cfg.shard, storage=cfg.storage, compute=cfg.compute, progress=progress)
-    # shard-00000.tar ..., sizes.json, manifest.json (last); result: ShardResult (metrics, outputs, data_version)
+    # <output>/<data_version>/shard-00000.tar ..., sizes.json, manifest.json (last), then <output>/latest.json
+    # result: ShardResult (metrics, outputs, data_version)
 
 Modules: stage (`run`: keep-list -> shards -> published version), writer (indexing raw members, planning and
-writing the tars), publish (placing or uploading them, manifest last).
+writing the tars), publish (one immutable folder per data version, then the pointer), versions (listing data
+versions and pruning those no kept run names: `clip-pipeline data list|prune`).
 """
 
-from clip.shards.publish import PublishError, build_manifest, publish
+from clip.shards.publish import PublishError, build_manifest, publish_local, publish_remote
 from clip.shards.writer import index_raw_members, plan_shards, shuffled_keys, write_shard, write_shards
 
 __all__ = [
@@ -16,7 +18,8 @@ __all__ = [
     "build_manifest",
     "index_raw_members",
     "plan_shards",
-    "publish",
+    "publish_local",
+    "publish_remote",
     "shuffled_keys",
     "write_shard",
     "write_shards",

@@ -6,9 +6,11 @@
 
 Reads `shard.dedup_dir`'s keep-list and the raw shards in `shard.input_dir`, checks every kept key's image sha256
 against the raw JSON (nothing is written for a stale keep-list), writes shuffled byte-deterministic tars and
-publishes them with `sizes.json` and `manifest.json` (last) to `shard.output`, a folder or s3:// prefix
-(docs/formats.md "Training shards and manifest"). Progress tasks: "indexing raw shards", "writing shards",
-"publishing shards".
+publishes them as one immutable data version `<shard.output>/<data_version>/` (shards, `sizes.json`,
+`manifest.json` last), then moves the pointer `<shard.output>/latest.json` to it (clip/shards/publish.py;
+docs/formats.md "Training shards and manifest"). `shard.output` is a folder or s3:// prefix; on S3 at most
+`shard.upload_workers` shard files are on local disk at once. Progress tasks: "indexing raw shards",
+"writing shards" (S3: hashing them), "publishing shards".
 """
 
 from __future__ import annotations
@@ -22,16 +24,14 @@ from pathlib import Path
 from clip import storage as storage_lib
 from clip.config import ComputeConfig, ShardConfig, StorageConfig, TrackingConfig
 from clip.formats.dedup import read_keep_list
-from clip.formats.manifest import SIZES_NAME, is_shard_name, manifest_uri
+from clip.formats.manifest import SIZES_NAME, manifest_uri, pointer_uri
 from clip.formats.raw import list_raw_shards
 from clip.progress import Progress, for_task
 from clip.result import StageResult
-from clip.shards.publish import publish
-from clip.shards.writer import index_raw_members, plan_shards, shuffled_keys, write_shards
+from clip.shards.publish import publish_local, publish_remote
+from clip.shards.writer import index_raw_members, plan_shards, shuffled_keys
 
 log = logging.getLogger(__name__)
-
-STAGED_SUFFIX = ".tmp-staged"  # local output: ".<shard>.tmp-staged" beside the final name (never listed)
 
 
 @dataclass(kw_only=True)
@@ -84,50 +84,38 @@ def run(
     indexed_s = time.monotonic() - start
 
     remote = storage_lib.is_s3_uri(cfg.output)
-    if remote:
-        def dest_for(name: str) -> Path:
-            return Path(cfg.staging_dir) / name
-
-        planned = {plan.name for plan in plans}
-        for old in Path(cfg.staging_dir).glob("*.tar"):  # a previous, larger version's leftovers
-            if is_shard_name(old.name) and old.name not in planned:
-                old.unlink()
-    else:
-        def dest_for(name: str) -> Path:
-            return Path(cfg.output) / f".{name}{STAGED_SUFFIX}"
-
     tick = time.monotonic()
     workers = min(4, os.cpu_count() or 1)
-    try:
-        shards = write_shards(plans, index, dest_for, workers=workers, progress=for_task(progress, "writing shards"))
-        write_s = time.monotonic() - tick
-        tick = time.monotonic()
-        published = publish(shards, cfg.output, storage, cfg.upload_workers,
-                            progress=for_task(progress, "publishing shards"))
-    finally:
-        if not remote:  # staged local tars not renamed into place (a failure) must not linger
-            for plan in plans:
-                dest_for(plan.name).unlink(missing_ok=True)
+    if remote:
+        published = publish_remote(plans, index, cfg.output, cfg.staging_dir, workers, cfg.upload_workers, storage,
+                                   hash_progress=for_task(progress, "writing shards"),
+                                   publish_progress=for_task(progress, "publishing shards"))
+    else:
+        published = publish_local(plans, index, cfg.output, workers, storage,
+                                  write_progress=for_task(progress, "writing shards"),
+                                  publish_progress=for_task(progress, "publishing shards"))
     publish_s = time.monotonic() - tick
-    total_bytes = sum(s.bytes for s in shards)
     manifest = published.manifest
+    total_bytes = manifest.bytes
     metrics = {
         "data_version": manifest.data_version,
         "total_samples": manifest.total_samples,
-        "shards": len(shards),
+        "shards": len(manifest.shards),
         "bytes": total_bytes,
         "output": cfg.output,
+        "location": published.location,
         "raw_shards_read": len(index.paths),
         "uploaded": published.uploaded,
         "skipped_identical": published.skipped,
-        "removed_stale": published.removed_stale,
+        "already_published": published.already_published,
+        "pointer_moved": published.pointer_moved,
+        "peak_local_shards": published.peak_local_shards,
         "index_seconds": indexed_s,
-        "write_seconds": write_s,
         "publish_seconds": publish_s,
-        "write_mb_per_s": total_bytes / 1e6 / write_s if write_s > 0 else None,
+        "write_mb_per_s": total_bytes / 1e6 / publish_s if publish_s > 0 else None,
         "seconds": time.monotonic() - start,
     }
-    outputs = {"shards": cfg.output, "manifest": manifest_uri(cfg.output),
-               "sizes": storage_lib.join(cfg.output, SIZES_NAME)}
+    outputs = {"shards": published.location, "manifest": manifest_uri(published.location),
+               "sizes": storage_lib.join(published.location, SIZES_NAME), "pointer": pointer_uri(cfg.output)}
     return ShardResult(metrics=metrics, outputs=outputs, data_version=manifest.data_version,
                        total_samples=manifest.total_samples)

@@ -7,7 +7,9 @@
 2. `plan_shards`: the kept keys in a deterministic shuffled order (seeded permutation of the sorted keys, so
    samples from all sources and raw shards mix), cut into shards at `samples_per_shard` samples or
    `max_shard_bytes` bytes, whichever comes first (exact sizes are known from the index).
-3. `write_shard`: copies each sample's members by offset into a byte-deterministic tar (temp name, then rename).
+3. `stream_shard`: copies each sample's members by offset into a byte-deterministic tar on any binary stream;
+   `write_shard` puts it in a local file (temp name, then rename), `hash_shard` only hashes it (no disk), which
+   is how the S3 publisher learns the data version before anything is uploaded.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -171,45 +174,67 @@ def plan_shards(order: list[str], index: RawIndex, samples_per_shard: int,
     return plans
 
 
+class _NullSink:
+    """A write-only stream that keeps nothing (the hashing pass: bytes are hashed, never stored)."""
+
+    def write(self, data: bytes | memoryview) -> int:
+        return len(data)
+
+
+def stream_shard(plan: ShardPlan, index: RawIndex, out: BinaryIO) -> DeterministicTarWriter:
+    """Write one planned shard's tar bytes to `out`; returns the closed writer (its sha256 and bytes_written)."""
+    handles: dict[int, int] = {}  # raw shard index -> OS file descriptor (pread: no shared file position)
+    try:
+        writer = DeterministicTarWriter(out)
+        for key in plan.keys:
+            location = index.samples[key]
+            fd = handles.get(location.raw_shard)
+            if fd is None:
+                fd = handles[location.raw_shard] = os.open(index.paths[location.raw_shard], os.O_RDONLY)
+            for ext, member in location.members:
+                data = os.pread(fd, member.size, member.offset)
+                if len(data) != member.size:
+                    raise OSError(f"raw shard {index.paths[location.raw_shard]} is truncated at {key}.{ext}")
+                writer.add(f"{key}.{ext}", data)
+        writer.close()
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+    if writer.bytes_written != plan.expected_bytes:  # the size arithmetic and the bytes must agree
+        raise AssertionError(f"{plan.name}: wrote {writer.bytes_written} bytes, planned {plan.expected_bytes}")
+    return writer
+
+
+def hash_shard(plan: ShardPlan, index: RawIndex) -> ShardFile:
+    """The size and sha256 a planned shard will have, without writing it anywhere (`path` is empty)."""
+    writer = stream_shard(plan, index, _NullSink())  # type: ignore[arg-type]
+    return ShardFile(plan.name, Path(), len(plan.keys), writer.bytes_written, writer.sha256)
+
+
 def write_shard(plan: ShardPlan, index: RawIndex, dest: Path, temp_suffix: str = ".tmp-writing") -> ShardFile:
     """Write one planned shard to `dest` (through a temp name in the same folder, renamed when complete)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}{temp_suffix}")
-    handles: dict[int, int] = {}  # raw shard index -> OS file descriptor (pread: no shared file position)
     try:
         with open(tmp, "wb") as out:
-            writer = DeterministicTarWriter(out)
-            for key in plan.keys:
-                location = index.samples[key]
-                fd = handles.get(location.raw_shard)
-                if fd is None:
-                    fd = handles[location.raw_shard] = os.open(index.paths[location.raw_shard], os.O_RDONLY)
-                for ext, member in location.members:
-                    data = os.pread(fd, member.size, member.offset)
-                    if len(data) != member.size:
-                        raise OSError(f"raw shard {index.paths[location.raw_shard]} is truncated at {key}.{ext}")
-                    writer.add(f"{key}.{ext}", data)
-            writer.close()
+            writer = stream_shard(plan, index, out)
             out.flush()
             os.fsync(out.fileno())
-        if writer.bytes_written != plan.expected_bytes:  # the size arithmetic and the bytes must agree
-            raise AssertionError(f"{plan.name}: wrote {writer.bytes_written} bytes, planned {plan.expected_bytes}")
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        for fd in handles.values():
-            os.close(fd)
     return ShardFile(plan.name, dest, len(plan.keys), writer.bytes_written, writer.sha256)
 
 
-def write_shards(plans: list[ShardPlan], index: RawIndex, dest_for: Callable[[str], Path], workers: int = 2,
+def write_shards(plans: list[ShardPlan], index: RawIndex, dest_for: Callable[[str], Path] | None, workers: int = 2,
                  progress: Callable[[int, int], None] | None = None) -> list[ShardFile]:
-    """Write every planned shard (a few in parallel: copying is I/O and hashing, both release the GIL)."""
+    """Write every planned shard (a few in parallel: copying is I/O and hashing, both release the GIL);
+    `dest_for` None: only hash them (`hash_shard`)."""
     results: dict[str, ShardFile] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="shard-writer") as pool:
-        futures = [pool.submit(write_shard, plan, index, dest_for(plan.name)) for plan in plans]
+        futures = [pool.submit(hash_shard, plan, index) if dest_for is None else
+                   pool.submit(write_shard, plan, index, dest_for(plan.name)) for plan in plans]
         for done, future in enumerate(as_completed(futures), start=1):
             shard = future.result()
             results[shard.name] = shard

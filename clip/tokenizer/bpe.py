@@ -12,6 +12,10 @@
 
 Captions are cleaned first (`clip.tokenizer.clean`). Files are written and read through `clip.storage`, so a
 tokenizer can be saved to and loaded from a local path or an `s3://` URI alike.
+
+torch is imported lazily (only by `__call__`, which returns a LongTensor), so the
+torch-free runtime (`clip.runtime`) can load a bundle's tokenizer and use `encode_batch` (an int64 numpy array
+with the same ids) where torch is not installed.
 """
 
 from __future__ import annotations
@@ -23,16 +27,18 @@ import os
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tokenizers import AddedToken, Regex, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from clip import storage
 from clip.config import StorageConfig
 from clip.tokenizer.clean import clean_caption
+
+if TYPE_CHECKING:
+    import torch
 
 SOT_TOKEN = "<start_of_text>"
 EOT_TOKEN = "<end_of_text>"
@@ -285,27 +291,34 @@ class Tokenizer:
             self._truncating[context_length] = hf
         return hf
 
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
-        """LongTensor [N, context_length]: [sot] tokens [eot] 0 0 ...; over-long captions keep eot last."""
+    def encode_batch(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+        """int64 array [N, context_length]: [sot] tokens [eot] 0 0 ...; over-long captions keep eot last.
+        The ids `__call__` gives, without torch."""
         if isinstance(texts, str):
             texts = [texts]
         context_length = self._context_length if context_length is None else context_length
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2 (start and end token), got {context_length}")
         if len(texts) == 0:
-            return torch.zeros(0, context_length, dtype=torch.long)
+            return np.zeros((0, context_length), dtype=np.int64)
         cleaned = [clean_caption(t) for t in texts]
         encodings = self._tokenizer_for(context_length).encode_batch_fast(cleaned, add_special_tokens=True)
         # Every row is exactly context_length long (truncated/padded in Rust): one flat copy into int64.
         flat = np.fromiter(
             itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=len(cleaned) * context_length
         )
-        return torch.from_numpy(flat.reshape(len(cleaned), context_length))
+        return flat.reshape(len(cleaned), context_length)
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        """LongTensor [N, context_length]: [sot] tokens [eot] 0 0 ...; over-long captions keep eot last."""
+        import torch  # lazy: the tokenizer itself needs no torch (see the module docstring)
+
+        return torch.from_numpy(self.encode_batch(texts, context_length))
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of a token sequence: stops at the first end token (the rest is padding), drops the start
         token, turns `</w>` into spaces. Lower-cased and cleaned, as the text was when encoded."""
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "reshape"):  # a torch tensor or numpy array (no torch import needed to tell)
             ids = ids.reshape(-1).tolist()
         if self._id_to_token is None:
             vocab = self._hf.get_vocab(with_added_tokens=True)

@@ -123,9 +123,11 @@ class StepChunks(IterableDataset):
             first_step = cfg.start.step_in_epoch if epoch == cfg.start.epoch else 0
             stats = StreamStats()
             iterators = {}
+            raws = []
             for s in my_streams:
                 start = cfg.start.positions[s] if epoch == cfg.start.epoch else 0
                 raw = RawStream(cfg.plan, epoch, s, opener, stats)
+                raws.append(raw)
                 iterators[s] = shuffled_stream(raw, cfg.shuffle_buffer, start)
             for step in range(first_step, cfg.steps_per_epoch):
                 images: list[Any] = []
@@ -157,6 +159,9 @@ class StepChunks(IterableDataset):
                         keys.append(key)
                         got += 1
                     positions.append(position + 1)
+                if step == cfg.steps_per_epoch - 1:  # the run may end here: verify the shards in hand first
+                    for raw in raws:
+                        raw.verify_open_shard()
                 yield {
                     "epoch": epoch,
                     "step": step,

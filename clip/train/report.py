@@ -25,6 +25,7 @@ import torch
 
 from clip import storage as storage_lib
 from clip.config import StorageConfig
+from clip.formats.checkpoint import LOSS_CURVE_NAME
 from clip.result import StageResult
 from clip.tokenizer import Tokenizer
 from clip.tracking import Tracker
@@ -32,6 +33,50 @@ from clip.train.checkpoint import FINAL_NAME
 from clip.train.tokenizer_setup import TOKENIZER_NAME
 
 METRICS_NAME = "metrics.json"
+CURVE_COLUMNS = ("step", "loss", "lr", "logit_scale", "samples_per_s")
+
+
+class LossCurve:
+    """The run's loss curve, one row per log window, as `train.output/loss_curve.csv` (rank 0 writes it with each
+    checkpoint and at the end). A resumed run keeps the rows up to its checkpoint's step and continues them, so
+    the file is one curve however often the run was restarted (what `dvc plots` and people read)."""
+
+    def __init__(self, rows: list[dict[str, float]] | None = None) -> None:
+        self.rows = list(rows or [])
+
+    @classmethod
+    def resume(cls, run_dir: str, storage: StorageConfig, upto_step: int) -> LossCurve:
+        import csv
+        import io
+
+        try:
+            text = storage_lib.read_bytes(storage_lib.join(run_dir, LOSS_CURVE_NAME), storage).decode("utf-8")
+        except FileNotFoundError:
+            return cls()
+        rows = []
+        for row in csv.DictReader(io.StringIO(text)):
+            try:
+                parsed = {name: float(row[name]) for name in CURVE_COLUMNS}
+            except (KeyError, TypeError, ValueError):
+                continue  # a damaged line: the curve is a report, never a reason to stop
+            if parsed["step"] <= upto_step:
+                rows.append(parsed)
+        return cls(rows)
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        self.rows.append({"step": float(step), **{name: float(metrics.get(name, math.nan))
+                                                   for name in CURVE_COLUMNS[1:]}})
+
+    def to_csv_bytes(self) -> bytes:
+        lines = [",".join(CURVE_COLUMNS)]
+        for row in self.rows:
+            lines.append(",".join([str(int(row["step"]))] + [repr(row[name]) for name in CURVE_COLUMNS[1:]]))
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
+    def write(self, run_dir: str, storage: StorageConfig) -> str:
+        uri = storage_lib.join(run_dir, LOSS_CURVE_NAME)
+        storage_lib.write_bytes(uri, self.to_csv_bytes(), storage)
+        return uri
 
 
 @dataclass(kw_only=True)
@@ -53,7 +98,8 @@ class TrainResult(StageResult):
         return cls(
             metrics=metrics,
             outputs={"checkpoint": metrics["checkpoint"], "tokenizer": tokenizer,
-                     "run_metrics": storage_lib.join(output, METRICS_NAME)},
+                     "run_metrics": storage_lib.join(output, METRICS_NAME),
+                     "loss_curve": storage_lib.join(output, LOSS_CURVE_NAME)},
             checkpoint=metrics["checkpoint"], tokenizer=tokenizer, data_version=metrics["data_version"],
             steps=int(metrics["steps"]), total_steps=int(metrics["total_steps"]),
             resumed_from_step=int(metrics["resumed_from_step"]),

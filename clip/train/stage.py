@@ -5,7 +5,8 @@
                        progress=progress, debug=cfg.debug)
     result.checkpoint, result.tokenizer, result.metrics["final_loss"]
 
-A run: the manifest (clip/train/streams.py) -> the step schedule (schedule.py) -> the checkpoint to resume from,
+A run: the data version (rank 0 reads `train.data`'s `latest.json` pointer once and tells the other ranks) and
+its manifest (clip/train/streams.py) -> the step schedule (schedule.py) -> the checkpoint to resume from,
 checked (resume.py) -> the tokenizer (tokenizer_setup.py) -> the model, wrapped, with its optimizer and restored
 state (resume.py, wrap.py) -> per step: this rank's part of the global batch (loader.py), one step (step.py), the
 metric window (report.py), the debug hooks (debug.py), a checkpoint every `train.checkpoint_every` steps
@@ -37,14 +38,14 @@ from clip.progress import Progress
 from clip.tracking import Tracker
 from clip.train.checkpoint import FINAL_NAME, prune_checkpoints, step_name
 from clip.train.debug import DebugHooks
-from clip.train.distributed import DistInfo, all_reduce_, barrier, cleanup, init_distributed
+from clip.train.distributed import DistInfo, all_reduce_, barrier, broadcast_object, cleanup, init_distributed
 from clip.train.loader import RankLoader, StreamConfig
-from clip.train.report import LogWindow, TrainResult, load_result, write_run_outputs
+from clip.train.report import LogWindow, LossCurve, TrainResult, load_result, write_run_outputs
 from clip.train.resume import find_resume_point, resume_or_start
 from clip.train.schedule import plan_schedule
 from clip.train.state import DataPosition, save_training_state
 from clip.train.step import NonFiniteGuard, NonFiniteLossError, device_inputs, train_step
-from clip.train.streams import StreamPlan, read_manifest
+from clip.train.streams import StreamPlan, read_manifest, resolve_data_location
 from clip.train.tokenizer_setup import setup_tokenizer
 from clip.train.wrap import check_fsdp_world
 
@@ -71,10 +72,17 @@ def run(
 
 def run_location(cfg: TrainConfig, storage: StorageConfig) -> str:
     """Where this run writes: `train.output`, or when unset the folder of (model, data version) the manifest at
-    `train.data` names."""
+    `train.data` names (through its pointer; `pin_data_version` first to keep that choice fixed)."""
     if cfg.output is not None:
         return cfg.output
     return default_run_location(cfg.model, read_manifest(cfg.data, storage).data_version)
+
+
+def pin_data_version(cfg: TrainConfig, storage: StorageConfig) -> TrainConfig:
+    """`cfg` with `train.data` resolved to the version folder its `latest.json` names now (unchanged when it
+    already names a version folder), so that a launcher, its restarted workers and its result all see the same
+    data version whatever is published meanwhile."""
+    return cfg.model_copy(update={"data": resolve_data_location(cfg.data, storage)})
 
 
 def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, tracking: TrackingConfig,
@@ -89,7 +97,10 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
 
-    manifest = read_manifest(cfg.data, storage)
+    # The pointer is read once, by rank 0; every rank then reads only inside that version's folder, which no
+    # later publish rewrites (a new version published mid-run is trained on by the next run, not this one).
+    data_location = str(broadcast_object(resolve_data_location(cfg.data, storage) if info.is_main else None, info))
+    manifest = read_manifest(data_location, storage)
     if cfg.output is None:  # the run of this model on this data version: new data, new run; same data, resume
         cfg = cfg.model_copy(update={"output": default_run_location(cfg.model, manifest.data_version)})
     schedule = plan_schedule(cfg, sum(s.samples for s in manifest.shards), info.world_size)
@@ -105,7 +116,8 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
     per_rank = schedule.num_streams // info.world_size
     rank_streams = tuple(range(info.rank * per_rank, (info.rank + 1) * per_rank))
     stream_cfg = StreamConfig(
-        plan=StreamPlan(manifest.shards, schedule.num_streams, cfg.seed, cfg.resampled), chunk=schedule.chunk,
+        plan=StreamPlan(manifest.shards, schedule.num_streams, cfg.seed, cfg.resampled, manifest.data_version),
+        chunk=schedule.chunk,
         steps_per_epoch=schedule.steps_per_epoch, epochs=cfg.epochs, shuffle_buffer=cfg.shuffle_buffer,
         image_size=state.image_size, tokenizer_json=tokenizer.to_json(), rank_streams=rank_streams,
         start=state.data_state, gpu_decode=cfg.gpu_decode and info.device.type == "cuda",
@@ -119,6 +131,7 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, cfg.output)
     counters = {"corrupt_samples": 0, "truncated_shards": 0}
     window = LogWindow()
+    curve = LossCurve.resume(cfg.output, storage, state.start_step) if info.is_main else LossCurve()
     total_wait, loop_start = 0.0, time.monotonic()
     last_loss = float("nan")
     checkpoint_due = False  # a checkpoint step fell inside a non-finite streak: write at the next finite step
@@ -137,7 +150,8 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
         progress(PROGRESS_TASK, state.start_step, schedule.total_steps)
     resume_run_id = point.checkpoint.get(MLFLOW_RUN_KEY) if point.checkpoint else None
     with tracker.run("train", params=params_for_tracking,
-                     tags={"data_version": manifest.data_version, "resumed_from_step": str(state.start_step)},
+                     tags={"data_version": manifest.data_version, "data_location": manifest.location,
+                           "resumed_from_step": str(state.start_step)},
                      resume_run_id=resume_run_id), \
             contextlib.closing(batches):  # loader workers stop with the loop, on errors too
         state.mlflow_run_id = tracker.run_id
@@ -164,10 +178,12 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
 
             window.steps += 1
             if step % cfg.log_every == 0 or step == schedule.total_steps:
-                tracker.log_metrics(window.metrics(
+                logged = window.metrics(
                     lr=state.scheduler.get_last_lr()[0], logit_scale=float(outcome.logit_scale),
                     batch_size=cfg.batch_size, device=info.device, corrupt_samples=counters["corrupt_samples"],
-                    nonfinite_steps=guard.total), step=step)
+                    nonfinite_steps=guard.total)
+                tracker.log_metrics(logged, step=step)
+                curve.add(step, logged)
                 window = LogWindow()
             if progress is not None:
                 detail = f"loss {last_loss:.3f}" if math.isfinite(last_loss) else ""
@@ -179,6 +195,8 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
                 step_uri = storage_lib.join(cfg.output, step_name(step))
                 if save_training_state(state, step_uri, step, data_state, info, storage):
                     prune_checkpoints(cfg.output, cfg.keep_checkpoints, storage)
+                if info.is_main:
+                    curve.write(cfg.output, storage)
                 barrier(info)
             if step >= schedule.total_steps:
                 break
@@ -213,6 +231,7 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
             "checkpoint": final_uri,
         }
         if info.is_main:
+            curve.write(cfg.output, storage)
             write_run_outputs(tracker, cfg.output, storage, tokenizer, metrics, step)
         barrier(info)
     return TrainResult.from_metrics(metrics, cfg.output)

@@ -21,7 +21,12 @@ Guarantees (why a resume is exact and the batches do not depend on the number of
 
 How the streams become per-step batches on each rank is clip/train/loader.py. Tars are read by clip.formats.tar
 (`iter_tar_samples`), streamed through `clip.storage.open_read` (local files directly, `s3://` objects without a
-download first). Reads fail closed: a shard that cannot be opened or read (missing object, S3 failure after
+download first), inside the one data version the run resolved at its start (`train.data`'s `latest.json`
+pointer is read once, by rank 0). Every shard is verified while it is streamed: its bytes are hashed as the
+tar reader consumes them and read on to EOF, and the size and sha256 are compared with the manifest's at the
+end of the shard (`VerifyingReader`); a mismatch stops the run with a ShardIntegrityError naming the shard and
+the version; the shard a stream is in the middle of at the end of an epoch is read on and verified before
+that epoch's last step is handed out (`RawStream.verify_open_shard`). Reads fail closed: a shard that cannot be opened or read (missing object, S3 failure after
 the storage layer's retries, any OSError / clip.storage.StorageError) stops the run with a DataError naming the
 shard, rather than training on a silent subset. Only damaged tar content (TruncatedTarError: the shard ends
 early) and corrupt samples inside a readable shard are skipped and counted.
@@ -29,6 +34,7 @@ early) and corrupt samples inside a readable shard are skipped and counted.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -56,11 +62,65 @@ def open_uri(uri: str, storage_cfg: StorageConfig | None = None) -> IO[bytes]:
 
 
 def read_manifest(data_uri: str, storage_cfg: StorageConfig | None = None) -> Manifest:
-    """The data version to train on: `manifest.json` at `train.data` (clip.formats.manifest, checked)."""
+    """The data version to train on: `train.data`'s manifest, through its `latest.json` pointer when it is a
+    shard output root (clip.formats.manifest, checked). The manifest's shard URIs lie in that version's own
+    folder, which no later publish rewrites."""
     try:
         return formats_manifest.read_manifest(data_uri, storage_cfg)
     except MissingInputError as exc:
         raise MissingInputError(f"{exc} (train.data)") from None
+
+
+def resolve_data_location(data_uri: str, storage_cfg: StorageConfig | None = None) -> str:
+    """The version folder `train.data` stands for now (its pointer read once); see clip.formats.manifest."""
+    try:
+        return formats_manifest.resolve_data_location(data_uri, storage_cfg)
+    except MissingInputError as exc:
+        raise MissingInputError(f"{exc} (train.data)") from None
+
+
+class ShardIntegrityError(DataError):
+    """A shard's bytes differ from what its manifest lists (size or sha256): the published data changed."""
+
+
+class VerifyingReader:
+    """Wraps a shard's byte stream: hashes and counts every byte as the tar reader consumes it (no second read).
+
+    `finish()` reads on to EOF (the end-of-archive blocks and record padding after the tar's end marker, or the
+    rest of a shard whose piece ended early), then compares the size and SHA-256 with the manifest entry and
+    raises ShardIntegrityError naming the shard and the data version."""
+
+    def __init__(self, raw: IO[bytes], entry: ShardEntry, data_version: str = "") -> None:
+        self.raw, self.entry, self.data_version = raw, entry, data_version
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.finished = False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        while block := self.read(1 << 20):
+            del block
+        if not self.entry.sha256 and not self.entry.bytes:
+            return  # a hand-made manifest without checksums: nothing to compare with
+        size_ok = not self.entry.bytes or self.size == self.entry.bytes
+        sha_ok = not self.entry.sha256 or self.digest.hexdigest() == self.entry.sha256
+        if not (size_ok and sha_ok):
+            version = f" of data version {self.data_version[:12]}" if self.data_version else ""
+            raise ShardIntegrityError(
+                f"shard {self.entry.uri}{version} does not match its manifest (read {self.size} bytes, sha256 "
+                f"{self.digest.hexdigest()[:16]}...; manifest: {self.entry.bytes} bytes, sha256 "
+                f"{self.entry.sha256[:16]}...): it was altered after publishing; stopping the run")
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,6 +139,7 @@ class StreamPlan:
     num_streams: int
     seed: int
     resampled: bool = False
+    data_version: str = ""  # named in integrity errors
 
     @property
     def total_samples(self) -> int:
@@ -129,24 +190,41 @@ class RawStream:
     def __init__(self, plan: StreamPlan, epoch: int, stream: int, opener: Callable[[str], IO[bytes]],
                  stats: StreamStats) -> None:
         self.plan, self.epoch, self.stream, self.opener, self.stats = plan, epoch, stream, opener, stats
+        self.open_reader: VerifyingReader | None = None  # the shard being read, when one is
+
+    def verify_open_shard(self) -> None:
+        """Read the shard in hand to its end and verify it now (the loader calls this before handing out an
+        epoch's last step, so no trained sample's shard goes unchecked when the run ends there)."""
+        reader = self.open_reader
+        if reader is not None:
+            try:
+                reader.finish()
+            except (OSError, StorageError) as exc:
+                raise unreadable_shard(reader.entry.uri, exc) from exc
 
     def _read_piece(self, shard: int, start: int, end: int) -> Iterator[tuple[str, dict[str, bytes]]]:
         info = self.plan.shards[shard]
         try:
-            f = self.opener(info.uri)
+            f = VerifyingReader(self.opener(info.uri), info, self.plan.data_version)
         except Exception as exc:  # missing or unreachable: fail closed, never train on a silent subset
             raise unreadable_shard(info.uri, exc) from exc
+        self.open_reader = f
         try:
-            for index, sample in enumerate(iter_tar_samples(f)):
-                if index >= end:
-                    return
-                if index >= start:
-                    yield sample
-        except TruncatedTarError:  # damaged tar content: the shard ends early, counted
-            self.stats.truncated_shards += 1
+            try:
+                for index, sample in enumerate(iter_tar_samples(f)):
+                    if index >= end:
+                        break
+                    if index >= start:
+                        yield sample
+            except TruncatedTarError:  # damaged tar content: the shard ends early, counted
+                self.stats.truncated_shards += 1
+            # Every byte of the object is hashed: a piece that starts mid-shard (a resume) has read the samples
+            # before it anyway, and one that ends early (at most the last piece of a stream's range) reads on.
+            f.finish()
         except (OSError, StorageError) as exc:  # the read itself failed: fail closed
             raise unreadable_shard(info.uri, exc) from exc
         finally:
+            self.open_reader = None
             f.close()
 
     def __iter__(self) -> Iterator[tuple[int, str, dict[str, bytes]]]:
@@ -247,7 +325,7 @@ def iter_captions(manifest: Manifest, storage_cfg: StorageConfig | None = None,
     count = 0
     for shard in manifest.shards:
         try:
-            with open_uri(shard.uri, storage_cfg) as f:
+            with open_uri(shard.uri, storage_cfg) as f:  # tokenizer captions: read, not verified (training is)
                 for _key, members in iter_tar_samples(f):
                     text = members.get("txt")
                     if text is None:

@@ -1,0 +1,237 @@
+"""The export stage: a training checkpoint -> a checked ONNX bundle (docs/formats.md "Export bundle").
+
+    from clip.export import stage
+    result = stage.run(cfg.export, storage=cfg.storage, compute=cfg.compute)
+    result.bundle, result.metrics["image_min_cosine"]
+
+Steps: resolve the checkpoint (`export.checkpoint`; null = the newest `final.pt` under `export.runs_dir`), load
+it strictly (its `model_config` must fit its weights), export both towers (clip.export.onnx_export), run the
+parity gate (clip.export.parity) and only then publish the bundle (clip.export.publish): a failure anywhere
+before publishing writes nothing and leaves an existing bundle alone. The export runs on the CPU in float32
+whatever `compute` says (the bundle's reference runtime is onnxruntime on the CPU); `tracking` is accepted for the
+common stage shape: the figures go to the stage metrics and the bundle manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clip import storage as storage_lib
+from clip.config import ComputeConfig, ExportConfig, StorageConfig, TrackingConfig
+from clip.export.onnx_export import export_image_encoder, export_text_encoder
+from clip.export.parity import ParityThresholds, check_parity, parity_info
+from clip.export.publish import model_card, publish_bundle
+from clip.export.quantize import quantize_image_encoder
+from clip.formats.bundle import (
+    BUNDLE_MANIFEST_NAME,
+    IMAGE_ENCODER_NAME,
+    INT8_IMAGE_ENCODER_NAME,
+    MODEL_CARD_NAME,
+    PREPROCESS_NAME,
+    TEXT_ENCODER_NAME,
+    TOKENIZER_NAME,
+)
+from clip.formats.checkpoint import FINAL_NAME, MLFLOW_RUN_KEY, parse_checkpoint
+from clip.formats.errors import FormatError, MissingInputError
+from clip.model import CLIP, StateDictMismatchError, check_state_dict, create_model_from_config
+from clip.model.model import LOGIT_SCALE_MAX
+from clip.progress import Progress
+from clip.result import StageResult
+from clip.tokenizer import Tokenizer
+from clip.tracking import Tracker
+from clip.transforms import describe_transforms
+
+TASK = "export"
+STEPS = ("loading checkpoint", "exporting image encoder", "exporting text encoder", "parity gate", "publishing")
+TIMING_KEYS = ("load_s", "export_image_s", "export_text_s", "parity_s", "publish_s")
+Tamper = Callable[[str, bytes], bytes]  # (bundle file name, ONNX bytes) -> bytes; test hook, see export_bundle
+
+
+@dataclass(kw_only=True)
+class ExportResult(StageResult):
+    """metrics: parity figures per tower, sizes, timings; outputs: `bundle`, `manifest`; bundle: its location;
+    info: the manifest's `info` (what evaluation and promotion read)."""
+
+    bundle: str
+    info: dict[str, Any]
+
+
+@dataclass
+class LoadedCheckpoint:
+    uri: str
+    sha256: str
+    model: CLIP
+    tokenizer: Tokenizer
+    tokenizer_json: str
+    data: dict[str, Any]
+
+
+def newest_final(runs_dir: str, storage_cfg: StorageConfig | None = None) -> str:
+    """The newest `<runs_dir>/<run>/final.pt`: by modification time locally; on S3 there must be exactly one."""
+    if storage_lib.is_s3_uri(runs_dir):
+        finals = [o.uri for o in storage_lib.list_objects(runs_dir, storage_cfg)
+                  if storage_lib.basename(o.uri) == FINAL_NAME
+                  and o.uri[len(runs_dir.rstrip("/")) + 1:].count("/") == 1]
+        if len(finals) > 1:
+            raise ValueError(f"several finished runs under {runs_dir}: set export.checkpoint to the one to export")
+    else:
+        found = sorted(Path(runs_dir).glob(f"*/{FINAL_NAME}"), key=lambda p: (p.stat().st_mtime_ns, str(p)))
+        finals = [str(found[-1])] if found else []
+    if not finals:
+        raise MissingInputError(f"no finished training run under {runs_dir} (no */{FINAL_NAME}; "
+                                "run the train stage or set export.checkpoint)")
+    return finals[-1]
+
+
+def resolve_checkpoint(cfg: ExportConfig, storage_cfg: StorageConfig | None = None) -> str:
+    """The checkpoint file to export: `export.checkpoint` (a file, or a run folder's final.pt) or the newest run."""
+    if cfg.checkpoint is None:
+        return newest_final(cfg.runs_dir, storage_cfg)
+    if storage_lib.exists(cfg.checkpoint, storage_cfg) and (
+            storage_lib.is_s3_uri(cfg.checkpoint) or Path(cfg.checkpoint).is_file()):
+        return cfg.checkpoint
+    if cfg.checkpoint.endswith(".pt"):
+        raise MissingInputError(f"checkpoint {cfg.checkpoint} does not exist (export.checkpoint)")
+    final = storage_lib.join(cfg.checkpoint, FINAL_NAME)
+    if not storage_lib.exists(final, storage_cfg):
+        raise MissingInputError(f"no {FINAL_NAME} in {cfg.checkpoint} (export.checkpoint): the run is missing or "
+                                "has not finished")
+    return final
+
+
+def load_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> LoadedCheckpoint:
+    """Read, hash and strictly load a checkpoint; one-line errors name `uri`."""
+    try:
+        raw = storage_lib.read_bytes(uri, storage_cfg)
+    except FileNotFoundError:
+        raise MissingInputError(f"checkpoint {uri} does not exist (export.checkpoint)") from None
+    try:
+        data = parse_checkpoint(raw, uri, require=("model", "model_config", "tokenizer"))
+    except FormatError:
+        raise
+    except Exception as exc:  # torch.load's unpickling errors: not a checkpoint at all
+        raise FormatError(f"{uri}: not a readable checkpoint ({type(exc).__name__})") from None
+    try:
+        model = create_model_from_config(data["model_config"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise FormatError(f"{uri}: bad model_config ({exc})") from None
+    try:
+        check_state_dict(model, data["model"])
+    except StateDictMismatchError as exc:
+        raise FormatError(f"{uri}: weights disagree with its model_config ({model.config.name}): {exc}") from None
+    model.load_state_dict(data["model"], strict=True)
+    model = model.float().eval()
+    try:
+        tokenizer = Tokenizer.from_json(data["tokenizer"])
+    except ValueError as exc:
+        raise FormatError(f"{uri}: bad tokenizer ({exc})") from None
+    if tokenizer.vocab_size > model.vocab_size or tokenizer.context_length != model.context_length:
+        raise FormatError(f"{uri}: tokenizer (vocab {tokenizer.vocab_size}, context {tokenizer.context_length}) "
+                          f"does not fit the model (vocab {model.vocab_size}, context {model.context_length})")
+    return LoadedCheckpoint(uri=uri, sha256=hashlib.sha256(raw).hexdigest(), model=model, tokenizer=tokenizer,
+                            tokenizer_json=data["tokenizer"], data=data)
+
+
+def bundle_info(ckpt: LoadedCheckpoint, parity: dict[str, Any]) -> dict[str, Any]:
+    model = ckpt.model
+    return {
+        "model": model.config.name,
+        "model_config": ckpt.data["model_config"],
+        "embed_dim": model.config.embed_dim,
+        "image_size": model.config.vision.image_size,
+        "context_length": model.context_length,
+        "logit_scale": float(model.logit_scale.detach().exp().clamp(max=LOGIT_SCALE_MAX)),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "data_version": ckpt.data.get("data_version"),
+        "train_run_id": ckpt.data.get(MLFLOW_RUN_KEY),
+        "train_step": ckpt.data.get("step"),
+        "checkpoint": ckpt.uri,
+        "checkpoint_sha256": ckpt.sha256,
+        "parity": parity,
+    }
+
+
+def export_bundle(cfg: ExportConfig, storage_cfg: StorageConfig, progress: Progress | None = None,
+                  tamper: Tamper | None = None) -> ExportResult:
+    """The stage's work. `tamper` (tests only) may alter an exported model's bytes before the parity gate."""
+    timings: dict[str, float] = {}
+    tick = time.monotonic()
+
+    def step(index: int) -> None:
+        nonlocal tick
+        now = time.monotonic()
+        if index > 0:
+            timings[TIMING_KEYS[index - 1]] = round(now - tick, 3)
+        tick = now
+        if progress is not None:
+            progress(TASK, index, len(STEPS), STEPS[index] if index < len(STEPS) else "done")
+
+    step(0)
+    ckpt = load_checkpoint(resolve_checkpoint(cfg, storage_cfg), storage_cfg)
+    step(1)
+    image_onnx = export_image_encoder(ckpt.model, cfg.opset)
+    step(2)
+    text_onnx = export_text_encoder(ckpt.model, cfg.opset)
+    if tamper is not None:
+        image_onnx = tamper(IMAGE_ENCODER_NAME, image_onnx)
+        text_onnx = tamper(TEXT_ENCODER_NAME, text_onnx)
+    step(3)
+    thresholds = ParityThresholds(min_cosine=cfg.parity_min_cosine, max_abs_diff=cfg.parity_max_abs_diff)
+    report = check_parity(ckpt.model, ckpt.tokenizer, image_onnx, text_onnx, thresholds, seed=cfg.parity_seed)
+    report.raise_if_failed()
+    step(4)
+    info = bundle_info(ckpt, parity_info(report, thresholds))
+    contents = {
+        IMAGE_ENCODER_NAME: image_onnx,
+        TEXT_ENCODER_NAME: text_onnx,
+        TOKENIZER_NAME: ckpt.tokenizer_json.encode("utf-8"),
+        PREPROCESS_NAME: (json.dumps(describe_transforms(ckpt.model.config.vision.image_size), indent=2, sort_keys=True) + "\n").encode(),
+        MODEL_CARD_NAME: model_card(info).encode("utf-8"),
+    }
+    if cfg.int8:  # beside the float encoder, never instead of it; its size, speed and differences reported
+        quantized = quantize_image_encoder(image_onnx, seed=cfg.parity_seed)
+        contents[INT8_IMAGE_ENCODER_NAME] = quantized.model
+        info["int8"] = quantized.report
+        timings.update({key: value for key, value in quantized.report.items() if isinstance(value, int | float)})
+    publish_bundle(cfg.output_dir, contents, info, storage_cfg)
+    step(5)
+    metrics: dict[str, Any] = {
+        **report.figures,
+        **timings,
+        "model": info["model"],
+        "parameters": info["parameters"],
+        "checkpoint": ckpt.uri,
+        "data_version": info["data_version"],
+        "image_encoder_bytes": len(image_onnx),
+        "text_encoder_bytes": len(text_onnx),
+        "bundle": cfg.output_dir,
+    }
+    outputs = {"bundle": cfg.output_dir, "manifest": storage_lib.join(cfg.output_dir, BUNDLE_MANIFEST_NAME)}
+    return ExportResult(metrics=metrics, outputs=outputs, bundle=cfg.output_dir, info=info)
+
+
+def run(
+    cfg: ExportConfig, *, storage: StorageConfig, compute: ComputeConfig, tracking: TrackingConfig | None = None,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export, check and publish; raises (one line, naming the input) without writing anything on bad input or a
+    failed parity gate. With tracking: an MLflow run with the parity figures, sizes and timings as metrics, the
+    lineage as tags (data version, training run, checkpoint sha256) and the model card as an artifact."""
+    result = export_bundle(cfg, storage, progress)
+    tracker = Tracker(tracking) if tracking is not None else None
+    if tracker is not None and tracker.enabled:
+        info = result.info
+        with tracker.run("export", params={"export": cfg.model_dump(mode="json")},
+                         tags={"data_version": info.get("data_version"), "train_run_id": info.get("train_run_id"),
+                               "checkpoint_sha256": info.get("checkpoint_sha256"), "model": info.get("model")}):
+            tracker.log_metrics({key: float(value) for key, value in result.metrics.items()
+                                 if isinstance(value, int | float) and not isinstance(value, bool)})
+            card = storage_lib.read_bytes(storage_lib.join(cfg.output_dir, MODEL_CARD_NAME), storage)
+            tracker.log_bytes(card, f"bundle/{MODEL_CARD_NAME}")
+    return result
