@@ -18,8 +18,9 @@ Guarantees:
   ever written by one repro.
 - `overrides` ("train.epochs=2") are validated against the typed config, then written into params.yaml (comments
   kept), as `dvc exp run --set-param` does: params.yaml is what DVC tracks, so the change is seen and recorded.
-- The stages that touch the network (collect, shard, train, promote) are retried with backoff; a failed stage fails
-  the flow run with the stage's one-line error (the stage marks its own MLflow run failed).
+- The stages that touch the network (collect, shard, train, promote) are retried with backoff after a crash (not
+  after a one-line bad-input error, which a retry cannot fix); a failed stage fails the flow run with the stage's
+  one-line error (the stage marks its own MLflow run failed).
 - Each stage publishes a Prefect markdown artifact with its metrics (reports/metrics/<stage>.json).
 - MLflow lineage: one parent run per execution (pipelines/lineage.py) holding every stage's metrics, with each
   stage's own runs nested under it and tagged with the Prefect flow run id, the DVC stage and the params hash.
@@ -56,7 +57,23 @@ OUTPUT_TAIL_BYTES = 65536  # of a stage's output, kept for its error line
 
 
 class StageFailed(RuntimeError):
-    """A stage exited with an error; the message is the stage's own one-line error."""
+    """A stage exited with an error; the message is the stage's own one-line error. `bad_input`: the error is
+    one of the project's one-line errors (bad input, a refused resume) or DVC's own, which a retry cannot fix."""
+
+    def __init__(self, message: str, bad_input: bool = False) -> None:
+        super().__init__(message)
+        self.bad_input = bad_input
+
+
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a network stage after a crash (a timeout, a lost connection: a traceback), never after bad input."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        return not exc.bad_input
+    except Exception:
+        return True
+    return False
 
 
 class PipelineBusy(RuntimeError):
@@ -120,7 +137,8 @@ def run_dvc_stage(stage: str, repo: Path, echo: bool = False) -> dict[str, Any]:
         del tail[:-OUTPUT_TAIL_BYTES]
     output = tail.decode("utf-8", "replace")
     if proc.wait() != 0:
-        raise StageFailed(f"stage {stage}: {_one_line_error(output)}")
+        line = _one_line_error(output)
+        raise StageFailed(f"stage {stage}: {line}", bad_input=line.startswith(("error:", "ERROR:")))
     skipped = "didn't change, skipping" in output
     metrics_path = repo / "reports" / "metrics" / f"{stage}.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
@@ -137,7 +155,8 @@ def _markdown(outcome: dict[str, Any]) -> str:
 
 
 def _stage_task(stage: str) -> Any:
-    @task(name=stage, retries=2 if stage in NETWORK_STAGES else 0, retry_delay_seconds=RETRY_DELAYS_S)
+    @task(name=stage, retries=2 if stage in NETWORK_STAGES else 0, retry_delay_seconds=RETRY_DELAYS_S,
+          retry_condition_fn=_worth_retrying)
     def run_stage(repo: str, echo: bool) -> dict[str, Any]:
         outcome = run_dvc_stage(stage, Path(repo), echo)
         get_run_logger().info("%s: %s", stage, "up to date, skipped" if outcome["skipped"] else "ran")

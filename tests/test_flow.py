@@ -8,9 +8,12 @@ another one holds is refused, naming the lock; the flow's overrides keep params.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,12 +49,53 @@ def _dvc_status(repo: Path) -> str:
                           check=True).stdout
 
 
+@contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """A real `mlflow server` process on 127.0.0.1 (SQLite backend, artifacts served from `folder`)."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder.mkdir(parents=True, exist_ok=True)
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                             "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (folder / "server.log").read_text()[-2000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.heavy
 def test_flow_runs_through_dvc_skips_what_did_not_change(tmp_path: Path, prefect_harness: None) -> None:
-    from flows.pipeline import PipelineBusy, checkout_lock, pipeline
+    with mlflow_server(tmp_path / "mlflow") as tracking_uri:
+        _flow_checks(tmp_path, tracking_uri)
+
+
+def _flow_checks(tmp_path: Path, tracking_uri: str) -> None:
+    from flows.pipeline import PipelineBusy, StageFailed, checkout_lock, pipeline
 
     repo = repo_copy(tmp_path / "repo")
-    apply_overrides(repo / "params.yaml", TINY)
+    apply_overrides(repo / "params.yaml", TINY + [f"tracking.uri={tracking_uri}"])
     stages = ["collect", "dedup", "shard", "train", "export", "evaluate", "promote"]
     stages = [s for s in stages if (REPO / "pipelines" / f"{s}.py").exists()]
 
@@ -62,7 +106,7 @@ def test_flow_runs_through_dvc_skips_what_did_not_change(tmp_path: Path, prefect
     # MLflow lineage: the execution's parent run holds the stage metrics; each stage run is nested under it
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("clip").experiment_id])
     [parent] = [r for r in runs if r.info.run_name == "pipeline"]
     [train] = [r for r in runs if r.info.run_name == "train"]
@@ -71,6 +115,9 @@ def test_flow_runs_through_dvc_skips_what_did_not_change(tmp_path: Path, prefect
     assert train.data.tags["prefect_flow_run_id"] == parent.data.tags["prefect_flow_run_id"]
     assert parent.data.tags["data_version"] == train.data.tags["data_version"]
     assert parent.data.metrics["train.steps"] > 0 and parent.info.status == "FINISHED"
+    if "promote" in stages:  # the registered version of this execution holds the champion alias
+        champion = client.get_model_version_by_alias("clip-tiny-vit", "champion")
+        assert champion.tags["data_version"] == train.data.tags["data_version"]
 
     second = pipeline(repo=str(repo), stages=stages)
     assert all(o["skipped"] for o in second), second
@@ -83,3 +130,15 @@ def test_flow_runs_through_dvc_skips_what_did_not_change(tmp_path: Path, prefect
 
     with checkout_lock(repo, timeout_s=1), pytest.raises(PipelineBusy, match="clip-flow.lock"):
         pipeline(repo=str(repo), stages=stages, lock_timeout_s=1)
+
+    # a failing stage fails the flow run with the stage's one-line error; its MLflow run and the parent are FAILED
+    with pytest.raises(StageFailed, match=r"stage train: error: train: NonFiniteLossError: .*max_nonfinite_steps"):
+        pipeline(repo=str(repo), stages=stages, overrides=[
+            "train.epochs=3", "train.max_nonfinite_steps=1",
+            f"debug.fault_nonfinite_steps={list(range(1, 100))}"])  # whichever step the resumed run starts at
+    runs = client.search_runs([client.get_experiment_by_name("clip").experiment_id],
+                              order_by=["attributes.start_time DESC"])
+    latest_train = next(r for r in runs if r.info.run_name == "train")
+    latest_parent = next(r for r in runs if r.info.run_name == "pipeline")
+    assert latest_train.info.status == "FAILED"
+    assert latest_parent.info.status == "FAILED" and latest_parent.data.tags["failed_stage"] == "train"
