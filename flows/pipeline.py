@@ -170,13 +170,24 @@ def _stage_task(stage: str) -> Any:
 STAGE_TASKS = {stage: _stage_task(stage) for stage in STAGES}
 
 
+@task(name="dvc push", retries=2, retry_delay_seconds=RETRY_DELAYS_S)
+def push_outputs(repo: str, remote: str) -> None:
+    """`dvc push -r <remote>`: the data versions, runs, bundle and reports DVC tracks, to the remote (S3)."""
+    result = subprocess.run([sys.executable, "-m", "dvc", "push", "-r", remote], cwd=repo, env=_stage_env(),
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise StageFailed(f"dvc push -r {remote}: {_one_line_error(result.stderr + result.stdout)}")
+    get_run_logger().info("pushed the outputs to DVC remote %s", remote)
+
+
 @flow(name="clip-pipeline")
 def pipeline(overrides: list[str] | None = None, stages: list[str] | None = None, repo: str | None = None,
              lock_timeout_s: float = 600.0, echo: bool = False,
-             data_version: str | None = None) -> list[dict[str, Any]]:
+             data_version: str | None = None, push: str | None = None) -> list[dict[str, Any]]:
     """Run the stages in DAG order through DVC (module docstring); returns one outcome per stage.
     `data_version` (set by the on-new-data trigger): the version the run is for; it is logged, and a warning
-    says so when shard.output's latest.json has moved on meanwhile (the run trains on what latest.json names)."""
+    says so when shard.output's latest.json has moved on meanwhile (the run trains on what latest.json names).
+    `push`: a DVC remote (e.g. "s3") that every output DVC tracks is pushed to after the stages succeeded."""
     root = Path(repo) if repo else REPO
     chosen = stages or STAGES
     unknown = [s for s in chosen if s not in STAGES]
@@ -202,6 +213,8 @@ def pipeline(overrides: list[str] | None = None, stages: list[str] | None = None
                 failed = stage
                 outcomes.append(STAGE_TASKS[stage](str(root), echo))
             failed = None
+            if push:
+                push_outputs(str(root), push)
         finally:
             finish_execution(tracker, root, outcomes, failed)
             for key, value in saved.items():
@@ -217,10 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--stages", default="", help="comma-separated subset, in DAG order")
     parser.add_argument("--lock-timeout-s", type=float, default=600.0)
+    parser.add_argument("--push", default=None, metavar="REMOTE", help="dvc push the outputs to this remote after")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s] or None
     try:
-        outcomes = pipeline(overrides=args.overrides, stages=stages, lock_timeout_s=args.lock_timeout_s, echo=True)
+        outcomes = pipeline(overrides=args.overrides, stages=stages, lock_timeout_s=args.lock_timeout_s, echo=True,
+                            push=args.push)
     except (StageFailed, PipelineBusy, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

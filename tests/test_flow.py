@@ -86,22 +86,30 @@ def mlflow_server(folder: Path) -> Iterator[str]:
 
 
 @pytest.mark.heavy
-def test_flow_runs_through_dvc_skips_what_did_not_change(tmp_path: Path, prefect_harness: None) -> None:
+def test_flow_runs_through_dvc_skips_what_did_not_change(tmp_path: Path, prefect_harness: None, s3_bucket: str,
+                                                         s3_server: str) -> None:
     with mlflow_server(tmp_path / "mlflow") as tracking_uri:
-        _flow_checks(tmp_path, tracking_uri)
+        _flow_checks(tmp_path, tracking_uri, s3_bucket, s3_server)
 
 
-def _flow_checks(tmp_path: Path, tracking_uri: str) -> None:
+def _flow_checks(tmp_path: Path, tracking_uri: str, bucket: str, endpoint: str) -> None:
     from flows.pipeline import PipelineBusy, StageFailed, checkout_lock, pipeline
 
     repo = repo_copy(tmp_path / "repo")
     apply_overrides(repo / "params.yaml", TINY + [f"tracking.uri={tracking_uri}"])
+    for key, value in (("url", f"s3://{bucket}/dvc"), ("endpointurl", endpoint)):  # the project's S3 remote
+        subprocess.run([sys.executable, "-m", "dvc", "remote", "modify", "--local", "s3", key, value], cwd=repo,
+                       check=True, capture_output=True)
     stages = ["collect", "dedup", "shard", "train", "export", "evaluate", "promote"]
     stages = [s for s in stages if (REPO / "pipelines" / f"{s}.py").exists()]
 
-    first = pipeline(repo=str(repo), stages=stages)
+    first = pipeline(repo=str(repo), stages=stages, push="s3")
     assert [o["stage"] for o in first] == stages and not any(o["skipped"] for o in first)
     assert (repo / "dvc.lock").exists() and "up to date" in _dvc_status(repo)
+    # every tracked output (data versions, runs, bundle, evaluation) is on the S3 remote, in sync with the cache
+    in_sync = subprocess.run([sys.executable, "-m", "dvc", "status", "-c", "-r", "s3"], cwd=repo, capture_output=True,
+                             text=True, check=True).stdout
+    assert "in sync" in in_sync, in_sync
 
     # MLflow lineage: the execution's parent run holds the stage metrics; each stage run is nested under it
     from mlflow.tracking import MlflowClient
