@@ -7,7 +7,6 @@ run trains on a temporary copy of this repository and completes.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,8 @@ import httpx
 import pytest
 
 from pipelines.params import apply_overrides
+from tests.support.servers import free_port
 from tests.test_flow import TINY, repo_copy
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):  # noqa: ANN001, ANN202
@@ -60,7 +54,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_schedule_and_data_published_trigger_on_a_prefect_server(tmp_path: Path) -> None:
     repo = repo_copy(tmp_path / "repo")
     apply_overrides(repo / "params.yaml", TINY + ["tracking.enabled=false"])
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS": "2",

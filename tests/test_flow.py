@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.params import apply_overrides
+from tests.support.servers import free_port, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,14 +53,7 @@ def _dvc_status(repo: Path) -> str:
 @contextmanager
 def mlflow_server(folder: Path) -> Iterator[str]:
     """A real `mlflow server` process on 127.0.0.1 (SQLite backend, artifacts served from `folder`)."""
-    import socket
-    import time
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     log = open(folder / "server.log", "w")
     proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
@@ -69,16 +63,7 @@ def mlflow_server(folder: Path) -> Iterator[str]:
                             env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (folder / "server.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server did not come up"
-            time.sleep(1)
+        wait_until_up(f"{url}/health", proc, folder / "server.log", timeout_s=120)
         yield url
     finally:
         proc.terminate()

@@ -15,6 +15,7 @@ from clip.formats.results import ResultRow, ResultsTable
 from clip.promote import stage
 from clip.promote.stage import decide
 from tests.support.bundles import make_bundle
+from tests.support.servers import free_port, wait_until_up
 
 
 def test_the_rule_compares_only_datasets_both_versions_have() -> None:
@@ -113,10 +114,8 @@ def test_champion_is_served_by_mlflow_models_serve_without_torch(tmp_path: Path,
     import base64
     import io
     import os
-    import socket
     import subprocess
     import sys
-    import time
 
     import httpx
     from PIL import Image
@@ -127,9 +126,7 @@ def test_champion_is_served_by_mlflow_models_serve_without_torch(tmp_path: Path,
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(_BLOCK_TORCH)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store["uri"], "PYTHONPATH": str(blocker),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "MLFLOW_ENABLE_TELEMETRY": "false"}
@@ -140,16 +137,7 @@ def test_champion_is_served_by_mlflow_models_serve_without_torch(tmp_path: Path,
                               stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mlflow models serve did not come up"
-            time.sleep(1)
+        wait_until_up(f"{url}/ping", server, tmp_path / "serve.log")
         buf = io.BytesIO()
         Image.new("RGB", (48, 48), (220, 30, 30)).save(buf, format="PNG")
         request = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(buf.getvalue()).decode()]]},

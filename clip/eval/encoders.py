@@ -30,7 +30,7 @@ import PIL.Image
 
 from clip import storage
 from clip.config import StorageConfig
-from clip.formats.errors import FormatError, MissingInputError
+from clip.formats.errors import MissingInputError
 
 
 class Encoder(Protocol):
@@ -123,22 +123,13 @@ class CheckpointEncoder:
 
     @classmethod
     def load(cls, uri: str, storage_cfg: StorageConfig | None = None, device: str = "cpu") -> CheckpointEncoder:
-        from clip.formats.checkpoint import FINAL_NAME, parse_checkpoint
+        from clip.formats.checkpoint import FINAL_NAME, read_model_checkpoint
         from clip.model import create_model_from_config
         from clip.tokenizer import Tokenizer
 
         if not uri.endswith(".pt") and storage.exists(storage.join(uri, FINAL_NAME), storage_cfg):
             uri = storage.join(uri, FINAL_NAME)  # a run folder: its final checkpoint
-        try:
-            raw = storage.read_bytes(uri, storage_cfg)
-        except FileNotFoundError:
-            raise MissingInputError(f"checkpoint {uri} does not exist (evaluate.checkpoint)") from None
-        try:
-            data = parse_checkpoint(raw, uri, require=("model", "model_config", "tokenizer"))
-        except FormatError:
-            raise
-        except Exception as exc:  # torch.load's unpickling errors: not a checkpoint at all
-            raise FormatError(f"{uri}: not a readable checkpoint ({type(exc).__name__})") from None
+        raw, data = read_model_checkpoint(uri, storage_cfg, "evaluate.checkpoint")
         model = create_model_from_config(data["model_config"])
         model.load_state_dict(data["model"], strict=True)
         tokenizer = Tokenizer.from_json(data["tokenizer"])

@@ -37,7 +37,7 @@ from clip.formats.bundle import (
     TEXT_ENCODER_NAME,
     TOKENIZER_NAME,
 )
-from clip.formats.checkpoint import FINAL_NAME, MLFLOW_RUN_KEY, parse_checkpoint
+from clip.formats.checkpoint import FINAL_NAME, MLFLOW_RUN_KEY, read_model_checkpoint
 from clip.formats.errors import FormatError, MissingInputError
 from clip.model import CLIP, StateDictMismatchError, check_state_dict, create_model_from_config
 from clip.model.model import LOGIT_SCALE_MAX
@@ -107,16 +107,7 @@ def resolve_checkpoint(cfg: ExportConfig, storage_cfg: StorageConfig | None = No
 
 def load_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> LoadedCheckpoint:
     """Read, hash and strictly load a checkpoint; one-line errors name `uri`."""
-    try:
-        raw = storage_lib.read_bytes(uri, storage_cfg)
-    except FileNotFoundError:
-        raise MissingInputError(f"checkpoint {uri} does not exist (export.checkpoint)") from None
-    try:
-        data = parse_checkpoint(raw, uri, require=("model", "model_config", "tokenizer"))
-    except FormatError:
-        raise
-    except Exception as exc:  # torch.load's unpickling errors: not a checkpoint at all
-        raise FormatError(f"{uri}: not a readable checkpoint ({type(exc).__name__})") from None
+    raw, data = read_model_checkpoint(uri, storage_cfg, "export.checkpoint")
     try:
         model = create_model_from_config(data["model_config"])
     except (TypeError, ValueError, KeyError) as exc:

@@ -63,3 +63,22 @@ def parse_checkpoint(data: bytes, uri: str = "checkpoint", require: tuple[str, .
     if missing:
         raise FormatError(f"{uri}: checkpoint lacks key(s) {missing} (see docs/formats.md \"Checkpoints\")")
     return checkpoint
+
+
+def read_model_checkpoint(uri: str, storage_cfg: Any = None, key: str = "checkpoint") -> tuple[bytes, dict[str, Any]]:
+    """(raw bytes, checkpoint dict) of a model checkpoint (`model`, `model_config`, `tokenizer` required), read
+    through clip.storage; one-line errors name `uri` and the config `key` that pointed at it: MissingInputError
+    when absent, FormatError when it is not a readable checkpoint."""
+    from clip import storage
+    from clip.formats.errors import MissingInputError
+
+    try:
+        raw = storage.read_bytes(uri, storage_cfg)
+    except FileNotFoundError:
+        raise MissingInputError(f"checkpoint {uri} does not exist ({key})") from None
+    try:
+        return raw, parse_checkpoint(raw, uri, require=("model", "model_config", "tokenizer"))
+    except FormatError:
+        raise
+    except Exception as exc:  # torch.load's unpickling errors: not a checkpoint at all
+        raise FormatError(f"{uri}: not a readable checkpoint ({type(exc).__name__})") from None
