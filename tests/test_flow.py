@@ -36,6 +36,8 @@ def repo_copy(dest: Path) -> Path:
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                             text=True, check=True).stdout.splitlines()
     for name in listed:
+        if name == "dvc.lock":  # this checkout's own record of what ran here; the copy starts fresh
+            continue
         source = REPO / name
         if source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
