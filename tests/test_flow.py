@@ -97,6 +97,12 @@ def _flow_checks(tmp_path: Path, tracking_uri: str, bucket: str, endpoint: str) 
     in_sync = subprocess.run([sys.executable, "-m", "dvc", "status", "-c", "-r", "s3"], cwd=repo, capture_output=True,
                              text=True, check=True).stdout
     assert "in sync" in in_sync, in_sync
+    # `dvc plots show` draws the loss curve (and the evaluation bars) from what the stages wrote
+    out = tmp_path / "plots"
+    subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", str(out)], cwd=repo, check=True,
+                   capture_output=True)
+    html = (out / "index.html").read_text()
+    assert "train_loss" in html and '"loss"' in html and "evaluation" in html
 
     # MLflow lineage: the execution's parent run holds the stage metrics; each stage run is nested under it
     from mlflow.tracking import MlflowClient
