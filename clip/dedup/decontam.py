@@ -8,7 +8,7 @@ dataset says how many training pairs matched, out of how many evaluation images,
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,26 +84,38 @@ def hash_image_folder(folder: str | Path, name: str | None = None,
     if not root.is_dir():
         raise MissingInputError(f"evaluation folder {folder} does not exist (dedup.eval_dirs)")
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    def images():  # (id, RGB image or None when unreadable)
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    yield path.relative_to(root).as_posix(), image.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                log.warning("evaluation image %s is unreadable, skipped: %s", path, exc)
+                yield path.relative_to(root).as_posix(), None
+
+    return _hash_eval_images(name or root.name, str(root), images(), len(paths), progress)
+
+
+def _hash_eval_images(name: str, source: str, images: Iterable[tuple[str, Image.Image | None]], total: int,
+                      progress: Callable[[int, int], None] | None) -> EvalSet:
+    """An evaluation set's rows: every variant (hash_variants) of every readable image; None images are listed
+    as unreadable. Real evaluation images favour recall: no colour check."""
     ids: list[str] = []
     hashes: list[int] = []
     image_of: list[int] = []
     unreadable: list[str] = []
-    for done, path in enumerate(paths, start=1):
-        rel = path.relative_to(root).as_posix()
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-            variant_hashes = [phash64(variant) for variant in hash_variants(rgb)]
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            unreadable.append(rel)
-            log.warning("evaluation image %s is unreadable, skipped: %s", path, exc)
+    for done, (image_id, image) in enumerate(images, start=1):
+        if image is None:
+            unreadable.append(image_id)
         else:
+            variant_hashes = [phash64(variant) for variant in hash_variants(image)]
             hashes += variant_hashes
             image_of += [len(ids)] * len(variant_hashes)
-            ids.append(rel)
+            ids.append(image_id)
         if progress is not None:
-            progress(done, len(paths))
-    return EvalSet(name=name or root.name, ids=ids, hashes=np.array(hashes, dtype=np.uint64), source=str(root),
+            progress(done, total)
+    return EvalSet(name=name, ids=ids, hashes=np.array(hashes, dtype=np.uint64), source=source,
                    unreadable=unreadable, image_of=np.array(image_of, dtype=np.int64), color_check=False)
 
 
@@ -119,28 +131,9 @@ def hash_registry_dataset(key: str, root: str | Path,
         log.info("evaluation dataset %s: no data at %s, nothing to decontaminate against", key, entry.path(root))
         return None
     splits = [entry.load(root, split) for split in entry.splits]
-    total = sum(len(split) for split in splits)
-    ids: list[str] = []
-    hashes: list[int] = []
-    image_of: list[int] = []
-    unreadable: list[str] = []
-    done = 0
-    for split in splits:
-        for i in range(len(split)):
-            sample_id = f"{split.split}/{split.ids[i]}"
-            image = split.image(i)  # None: undecodable (the loader logs and counts it)
-            if image is None:
-                unreadable.append(sample_id)
-            else:
-                variant_hashes = [phash64(variant) for variant in hash_variants(image)]
-                hashes += variant_hashes
-                image_of += [len(ids)] * len(variant_hashes)
-                ids.append(sample_id)
-            done += 1
-            if progress is not None:
-                progress(done, total)
-    return EvalSet(name=key, ids=ids, hashes=np.array(hashes, dtype=np.uint64), source=str(entry.path(root)),
-                   unreadable=unreadable, image_of=np.array(image_of, dtype=np.int64), color_check=False)
+    images = ((f"{split.split}/{split.ids[i]}", split.image(i))  # image(i): None when undecodable (logged)
+              for split in splits for i in range(len(split)))
+    return _hash_eval_images(key, str(entry.path(root)), images, sum(len(split) for split in splits), progress)
 
 
 def registry_keys(names: list[str]) -> list[str]:

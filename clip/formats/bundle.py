@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from clip import storage
 from clip.config import StorageConfig
 from clip.formats.errors import FormatError, MissingInputError
+from clip.formats.jsondoc import parse_format_doc
 
 BUNDLE_FORMAT = "clip-pipeline/bundle/v1"
 BUNDLE_MANIFEST_NAME = "manifest.json"
@@ -63,12 +65,7 @@ class BundleManifest:
 
 
 def parse_bundle_manifest(raw: bytes, uri: str) -> BundleManifest:
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{uri}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != BUNDLE_FORMAT:
-        raise FormatError(f"{uri}: not a bundle manifest (format {BUNDLE_FORMAT} expected)")
+    doc = parse_format_doc(raw, uri, BUNDLE_FORMAT, "bundle manifest")
     files = doc.get("files")
     if not isinstance(files, dict) or not all(isinstance(v, dict) and "sha256" in v for v in files.values()):
         raise FormatError(f"{uri}: `files` must map each file name to its bytes and sha256")
@@ -88,8 +85,10 @@ def write_bundle(folder: str, contents: dict[str, bytes], info: dict[str, Any] |
     return manifest
 
 
-def verify_bundle(folder: str, storage_cfg: StorageConfig | None = None) -> BundleManifest:
-    """Check every file the manifest names against its size and sha256; raise naming the first bad file."""
+def verify_bundle(folder: str, storage_cfg: StorageConfig | None = None,
+                  on_file: Callable[[str, bytes], None] | None = None) -> BundleManifest:
+    """Check every file the manifest names against its size and sha256; raise naming the first bad file.
+    `on_file(name, data)` receives each file's bytes once verified (a copy reads the bundle once)."""
     uri = storage.join(folder, BUNDLE_MANIFEST_NAME)
     try:
         manifest = parse_bundle_manifest(storage.read_bytes(uri, storage_cfg), uri)
@@ -104,4 +103,6 @@ def verify_bundle(folder: str, storage_cfg: StorageConfig | None = None) -> Bund
             raise FormatError(f"bundle {folder}: {name} is missing") from None
         if hashlib.sha256(data).hexdigest() != expected["sha256"]:
             raise FormatError(f"bundle {folder}: {name} was altered (sha256 differs from the bundle manifest)")
+        if on_file is not None:
+            on_file(name, data)
     return manifest

@@ -41,6 +41,7 @@ from typing import Any
 from clip import storage
 from clip.config import StorageConfig
 from clip.formats.errors import FormatError, MissingInputError
+from clip.formats.jsondoc import parse_format_doc, parse_json
 
 MANIFEST_FORMAT = "clip-pipeline/shards/v1"
 MANIFEST_NAME = "manifest.json"
@@ -138,10 +139,7 @@ def manifest_uri(location: str) -> str:
 
 def parse_manifest(raw: bytes, uri: str) -> Manifest:
     """Parse and check a manifest's bytes; FormatError naming `uri` and what is wrong."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{uri}: not valid JSON ({exc})") from None
+    doc = parse_json(raw, uri)
     if not isinstance(doc, dict):
         raise FormatError(f"{uri}: not a shard manifest (top level is not an object)")
     if doc.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:
@@ -194,12 +192,7 @@ def pointer_uri(root: str) -> str:
 
 
 def parse_pointer(raw: bytes, uri: str) -> Pointer:
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{uri}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != POINTER_FORMAT:
-        raise FormatError(f"{uri}: not a data version pointer (format {POINTER_FORMAT} expected)")
+    doc = parse_format_doc(raw, uri, POINTER_FORMAT, "data version pointer")
     version = str(doc.get("data_version", ""))
     if not is_data_version(version) or doc.get("manifest") != f"{version}/{MANIFEST_NAME}":
         raise FormatError(f"{uri}: data_version {version!r} / manifest {doc.get('manifest')!r} are not a version")

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import clip
-from clip import storage
 from clip.config import StorageConfig
-from clip.formats.bundle import BUNDLE_MANIFEST_NAME, verify_bundle
+from clip.formats.bundle import BUNDLE_MANIFEST_NAME, BundleManifest, verify_bundle
 
 # Distribution names of what the runtime path imports (clip.runtime, clip.formats.bundle, clip.storage,
 # clip.config, clip.tokenizer); torch is deliberately absent.
@@ -64,11 +63,12 @@ def bundle_signature() -> Any:
     return ModelSignature(inputs=inputs, params=params)
 
 
-def _copy_bundle(bundle_dir: str, target: Path, storage_cfg: StorageConfig | None) -> None:
-    manifest = verify_bundle(bundle_dir, storage_cfg)
-    for name in [*sorted(manifest.files), BUNDLE_MANIFEST_NAME]:  # manifest last, as the bundle writer does
-        (target / name).write_bytes(storage.read_bytes(storage.join(bundle_dir, name), storage_cfg))
-    verify_bundle(str(target))  # what gets logged is what the manifest says
+def _copy_bundle(bundle_dir: str, target: Path, storage_cfg: StorageConfig | None) -> BundleManifest:
+    """Copy the bundle file by file as it is verified (each file read once), the manifest last, as the bundle
+    writer does: what gets logged is exactly what the manifest says."""
+    manifest = verify_bundle(bundle_dir, storage_cfg, on_file=lambda name, data: (target / name).write_bytes(data))
+    (target / BUNDLE_MANIFEST_NAME).write_bytes(manifest.to_bytes())  # the manifest that was verified
+    return manifest
 
 
 def log_bundle_model(bundle_dir: str | Path, name: str = "model", *, storage_cfg: StorageConfig | None = None,
@@ -87,8 +87,7 @@ def log_bundle_model(bundle_dir: str | Path, name: str = "model", *, storage_cfg
     with tempfile.TemporaryDirectory(prefix="clip-pyfunc-") as tmp:
         local = Path(tmp) / BUNDLE_ARTIFACT
         local.mkdir()
-        _copy_bundle(str(bundle_dir), local, storage_cfg)
-        info = verify_bundle(str(local)).info
+        info = _copy_bundle(str(bundle_dir), local, storage_cfg).info
         meta = {"clip_model": info.get("model"), "clip_data_version": info.get("data_version"),
                 "clip_train_run_id": info.get("train_run_id"), **(metadata or {})}
         return mlflow.pyfunc.log_model(
