@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,9 @@ def test_s3_publish_keeps_local_disk_bounded(s3_bucket: str, tmp_path: Path, mon
     real_upload = storage.S3Storage.upload_file
 
     def counting_upload(self, local_path, uri):  # noqa: ANN001 - same signature as the real one
-        seen.append(len([p for p in (tmp_path / "staging").rglob("*.tar")]))
+        # os.walk, not rglob: another upload thread may remove its spool folder while this one counts, and
+        # os.walk skips a folder that vanished (rglob raised FileNotFoundError here, failing the upload)
+        seen.append(sum(name.endswith(".tar") for _, _, names in os.walk(tmp_path / "staging") for name in names))
         return real_upload(self, local_path, uri)
 
     monkeypatch.setattr(storage.S3Storage, "upload_file", counting_upload)
