@@ -378,6 +378,13 @@ class TrainConfig(Section):
     fsdp: bool = Field(False, description="FSDP2 fully_shard; for the large configs")
     local_loss: bool = Field(
         False, description="each rank computes only its own rows of the global logit matrix (less memory)")
+    loss: Literal["clip", "siglip"] = Field(
+        "clip", description="clip: CLIP's softmax contrastive loss over the global batch; siglip: SigLIP's pairwise "
+                            "sigmoid loss with a learned bias (better at small batch sizes)")
+    accum_steps: PositiveInt = Field(
+        1, description="micro-batches per rank per step (feature-cache accumulation): the loss and gradients are "
+                       "those of the whole global batch while activation memory is that of one micro-batch; the "
+                       "per-rank batch must be a multiple of it")
     shuffle_buffer: NonNegativeInt = Field(
         1000, description="samples per deterministic shuffle window of each data stream")
     num_workers: NonNegativeInt = Field(2, description="data loader workers per rank")
