@@ -3,6 +3,11 @@
     loss_fn = ClipLoss(local_loss=False)
     loss = loss_fn(image_features, text_features, logit_scale)   # features L2-normalised, [N, D]
 
+The loss contract the trainer relies on (clip.sigmoid_loss.SigLipLoss keeps it too):
+`loss_fn(image_features [n, D], text_features [n, D], logit_scale [], logit_bias [] | None = None) -> []`, the
+rows this rank holds; the loss does its own cross-rank communication. CLIP's loss has no bias: a non-None
+`logit_bias` is refused.
+
 `logit_scale` is the multiplier itself (the model's `logit_scale.exp()`, at most 100 in CLIP), not its log.
 
 Single process: logits = logit_scale * image @ text.T ([N, N]); the loss is the mean of the image->text and
@@ -10,7 +15,10 @@ text->image cross-entropies with the diagonal as targets.
 
 Distributed (an initialised process group with world size W > 1): the features of all ranks are
 all-gathered so the contrast runs over the global batch of N pairs. Ranks may hold different numbers of
-rows n_r (a ragged last batch): sizes are exchanged first and the gather pads to the largest.
+rows n_r (a ragged last batch): sizes are exchanged first and the gather pads to the largest. That exchange
+reads the sizes on the host (a device sync); `equal_batches=True` skips it when the caller guarantees that every
+rank holds the same number of rows (the trainer: the loader gives every rank the same batch), so a step
+stays free of host syncs. A caller that breaks that promise gets a failed or mismatched all_gather.
 
 * full matrix (`local_loss=False`): every rank computes the whole N x N loss; the value equals the
   single-process loss on the concatenated batch.
@@ -124,9 +132,11 @@ def gather_features(
 class ClipLoss(nn.Module):
     """Symmetric cross-entropy over image-text similarities; distributed when a process group is up."""
 
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, cache_labels: bool = True) -> None:
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, cache_labels: bool = True,
+                 equal_batches: bool = False) -> None:
         super().__init__()
         self.local_loss = local_loss
+        self.equal_batches = equal_batches  # every rank holds as many rows as this one: no size exchange
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
         self._labels: dict[tuple[torch.device, int, int], torch.Tensor] = {}
@@ -141,7 +151,11 @@ class ClipLoss(nn.Module):
                 self._labels[key] = labels
         return labels
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+        if logit_bias is not None:
+            raise ValueError("ClipLoss (train.loss=clip) takes no logit_bias: the softmax loss has no bias; a model "
+                             "with a logit bias trains with train.loss=siglip")
         if image_features.ndim != 2 or text_features.ndim != 2:
             raise ValueError(
                 f"features must be [N, D]; got image {tuple(image_features.shape)}, text {tuple(text_features.shape)}"
@@ -157,7 +171,10 @@ class ClipLoss(nn.Module):
             logits_per_text = logits_per_image.T
             targets = self._targets(image_features.device, local_n, 0)
         else:
-            sizes = _batch_sizes(local_n, image_features.device, world_size)
+            if self.equal_batches:
+                sizes = [local_n] * world_size
+            else:
+                sizes = _batch_sizes(local_n, image_features.device, world_size)
             total_n, offset = sum(sizes), sum(sizes[:rank])
             all_image = _gather_rows(image_features, sizes, rank, self.gather_with_grad)  # [sum n, D]
             all_text = _gather_rows(text_features, sizes, rank, self.gather_with_grad)  # [sum n, D]

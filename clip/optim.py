@@ -44,12 +44,13 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.98),
     eps: float = 1e-6,
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, weight_decay)`; the fused kernel when every parameter is on CUDA."""
+    """AdamW over `param_groups(model, weight_decay)`; the fused kernel when every parameter is on CUDA or the
+    CPU (it also skips a step without a host sync: clip.train.step sets its `found_inf`)."""
     if lr <= 0:
         raise ValueError(f"learning rate must be positive, got {lr}")
     groups = param_groups(model, weight_decay)
     params = [p for group in groups for p in group["params"]]
     if not params:
         raise ValueError("model has no trainable parameters")
-    fused = all(p.is_cuda for p in params)
+    fused = all(p.device.type in ("cuda", "cpu") for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)

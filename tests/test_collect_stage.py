@@ -20,7 +20,7 @@ from clip.formats.raw import SYNTHETIC_IMAGE_SIZE_FIELD
 from clip.imagehash import hamming, hex_to_int, phash64
 from clip.progress import Progress, RecordingProgress
 
-JSON_FIELDS = {"key", "url", "caption", "query", "source", "width", "height", "sha256", "phash"}
+JSON_FIELDS = {"key", "url", "caption", "query", "source", "width", "height", "sha256", "phash", "color"}
 
 
 def _cfg(tmp_path: Path, **overrides: object) -> CollectConfig:
@@ -191,7 +191,8 @@ def test_dask_run_equals_in_process_run(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_per_host_limit_holds_across_dask_worker_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each worker process has its own Fetcher; the stage shares the per-host limit out among them."""
+    """Each worker process has its own Fetcher; each host is fetched only by the worker that owns it, so its
+    limit holds as configured."""
     import pyarrow as pa
 
     from tests.support.webserver import ImageServer

@@ -146,8 +146,9 @@ def test_altered_shard_stops_training_naming_it(pool: Path, tmp_path: Path, wher
 
 
 def test_resume_starting_mid_shard_still_verifies_the_whole_shard(pool: Path, tmp_path: Path) -> None:
-    """A stream restarted at position 12 of a 16-sample shard re-reads the samples before it (not decoded) and
-    the rest of the object: a byte flipped in the skipped part is still found."""
+    """A stream restarted at position 12 of a 16-sample shard starts reading at the window it needs (ranged read),
+    yet a byte flipped in the skipped sample 0 is still found: when the stream's next pass reads it (each sample
+    is verified against the shard index as it is read)."""
     out = tmp_path / "shards"
     version = publish(pool, out, seed=0)
     manifest = read_manifest(str(out))

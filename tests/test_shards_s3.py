@@ -90,7 +90,8 @@ def test_failed_publish_leaves_no_manifest_and_rerun_sends_only_missing(s3_fault
     assert not [o for o in store.list(prefix) if o.uri.endswith("manifest.json")]
     present = sorted(o.uri.rsplit("/", 1)[-1] for o in store.list(prefix))
     num_shards = -(-len(keep) // 8)
-    assert present == [f"shard-{i:05d}.tar" for i in range(num_shards) if i != 2]
+    assert present == sorted([f"shard-{i:05d}.tar" for i in range(num_shards) if i != 2]
+                             + [f"index-{i:05d}.json" for i in range(num_shards) if i != 2])
 
     proxy.clear()
     proxy.reset_counts()

@@ -7,7 +7,11 @@ fingerprint of everything that decided the shard's bytes (`shard_fingerprint`): 
 when the fingerprint still matches.
 
 Fetchers are shared per process (`shared_fetcher`): their DNS cache, connection pools and per-host limits then
-span every shard that process builds; `split_host_limits` shares the per-host limits out among processes.
+span every shard that process builds. When several processes fetch at once, a shard's URLs are split by the
+process that owns their host (`split_by_owner`, `clip.collect.net.limits.host_owner`): `fetch_entries` runs
+once per owner, in that owner's process, and `write_fetched_shard` writes the shard from the results. Every
+host is then fetched by one process, and the configured per-host concurrency and rate hold for the whole run.
+The shard's bytes do not depend on which process fetched what.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from clip.collect.images import ImageRejected, encode_image, process_image
+from clip.collect.net.limits import host_owner
 from clip.collect.sources import CandidateSource, Partition
 from clip.collect.writer import RawOutput
 from clip.config import CollectConfig, FetchConfig, StorageConfig
 from clip.formats.raw import RECORDS_DIR, RawSample, raw_record_name, raw_shard_name
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: the sample JSON carries `color` (so dedup never decodes); a rerun rebuilds v1 shards
 
 
 @dataclass
@@ -68,6 +73,7 @@ def _sample_meta(entry: ShardEntry, source_name: str, image: Any) -> dict[str, A
     return {
         "key": entry.key, "url": entry.url, "caption": entry.caption, "query": entry.query, "source": source_name,
         "width": image.width, "height": image.height, "sha256": image.sha256, "phash": image.phash,
+        "color": image.color,
     }
 
 
@@ -92,21 +98,6 @@ def shared_fetcher(fetch_cfg: FetchConfig) -> Any:
         return fetcher
 
 
-def split_host_limits(fetch_cfg: FetchConfig, processes: int) -> FetchConfig:
-    """The fetch config for each of `processes` worker processes building shards at once.
-
-    The per-host limits live in a Fetcher, i.e. per process; shared out among the processes, they hold for
-    the whole run (floor of one connection per process: with more processes than allowed connections, at most
-    one per process).
-    """
-    if processes <= 1:
-        return fetch_cfg
-    return fetch_cfg.model_copy(update={
-        "per_host_concurrency": max(1, fetch_cfg.per_host_concurrency // processes),
-        "per_host_rate": fetch_cfg.per_host_rate / processes,
-    })
-
-
 def close_shared_fetchers() -> None:
     """Close this process's shared fetchers (their connection pools and resolver threads)."""
     with _SHARED_FETCHERS_LOCK:
@@ -115,67 +106,111 @@ def close_shared_fetchers() -> None:
         _SHARED_FETCHERS.clear()
 
 
+@dataclass
+class FetchedEntries:
+    """What `fetch_entries` returns: (entry index in the shard, result) pairs and the seconds they took."""
+
+    results: list[tuple[int, Any]]  # (index into ShardTask.entries, clip.collect.fetch.FetchResult)
+    seconds: float
+
+
+def split_by_owner(task: ShardTask, owners: int) -> dict[int, list[tuple[int, str]]]:
+    """The shard's URLs grouped by the process that owns their host: owner -> [(entry index, url)], in order."""
+    groups: dict[int, list[tuple[int, str]]] = {}
+    for i, entry in enumerate(task.entries):
+        if entry.url:
+            groups.setdefault(host_owner(entry.url, owners), []).append((i, entry.url))
+    return groups
+
+
+def fetch_entries(fetch_cfg: FetchConfig, items: list[tuple[int, str]]) -> FetchedEntries:
+    """Fetch (entry index, url) items with this process's shared fetcher; results in the order of `items`."""
+    start = time.monotonic()
+    results: list[Any] = [None] * len(items)
+    for j, result in shared_fetcher(fetch_cfg).fetch_many([url for _, url in items]):
+        results[j] = result
+    return FetchedEntries([(i, result) for (i, _), result in zip(items, results, strict=True)],
+                          time.monotonic() - start)
+
+
+def write_fetched_shard(
+    source_name: str, output_uri: str, storage_cfg: StorageConfig | None, task: ShardTask, *fetched: FetchedEntries,
+) -> dict[str, Any]:
+    """Write a URL source's shard from its fetch results (one `FetchedEntries` per owner); returns the record.
+
+    The record's `seconds` is the slowest fetch group plus the writing: the groups run at the same time.
+    """
+    from clip.collect.net.latency import latency_summary
+
+    start = time.monotonic()
+    statuses: dict[int, dict[str, Any]] = {}
+    samples: dict[int, RawSample] = {}
+    for i, entry in enumerate(task.entries):
+        if not entry.url:
+            statuses[i] = {"status": "failed", "reason": "missing_url", "retryable": False}
+    results = [pair for group in fetched for pair in group.results]
+    for i, result in results:
+        timing = {"dns_ms": result.dns_ms, "download_ms": result.download_ms}
+        if result.status == "ok" and result.image is not None:
+            entry = task.entries[i]
+            samples[i] = RawSample(entry.key, result.image.jpeg, entry.caption,
+                                   _sample_meta(entry, source_name, result.image))
+            statuses[i] = {"status": "ok", "reason": None, "retryable": False, **timing}
+        else:
+            statuses[i] = {"status": result.status, "reason": result.reason,
+                           "retryable": bool(result.retryable), **timing}
+    fetch_seconds = max((group.seconds for group in fetched), default=0.0)
+    return _write_shard(output_uri, storage_cfg, task, samples, statuses,
+                        latency_summary([result for _, result in sorted(results, key=lambda pair: pair[0])]),
+                        time.monotonic() - start + fetch_seconds)
+
+
 def build_shard(
     source: CandidateSource, parts: dict[int, Partition], fetch_cfg: FetchConfig, output_uri: str,
     storage_cfg: StorageConfig | None, task: ShardTask,
 ) -> dict[str, Any]:
-    """Produce one raw shard (images, tar, done-record); returns the record."""
+    """Produce one raw shard (images, tar, done-record) in this process; returns the record."""
+    if source.needs_fetch:
+        items = [(i, e.url) for i, e in enumerate(task.entries) if e.url]
+        return write_fetched_shard(source.name, output_uri, storage_cfg, task, fetch_entries(fetch_cfg, items))
     start = time.monotonic()
     statuses: dict[int, dict[str, Any]] = {}
     samples: dict[int, RawSample] = {}
-    latency: dict[str, Any] | None = None
-
-    def ok(i: int, entry: ShardEntry, image: Any, **extra: Any) -> None:
-        samples[i] = RawSample(entry.key, image.jpeg, entry.caption, _sample_meta(entry, source.name, image))
-        statuses[i] = {"status": "ok", "reason": None, "retryable": False, **extra}
-
-    if source.needs_fetch:
-        from clip.collect.net.latency import latency_summary
-
-        with_url = [i for i, e in enumerate(task.entries) if e.url]
-        for i, entry in enumerate(task.entries):
-            if not entry.url:
-                statuses[i] = {"status": "failed", "reason": "missing_url", "retryable": False}
-        fetcher = shared_fetcher(fetch_cfg)
-        shard_results = []
-        for j, result in fetcher.fetch_many([task.entries[i].url for i in with_url]):
-            shard_results.append(result)
-            i = with_url[j]
-            timing = {"dns_ms": result.dns_ms, "download_ms": result.download_ms}
-            if result.status == "ok" and result.image is not None:
-                ok(i, task.entries[i], result.image, **timing)
-            else:
-                statuses[i] = {"status": result.status, "reason": result.reason,
-                               "retryable": bool(result.retryable), **timing}
-        latency = latency_summary(shard_results)
-    else:
-        by_partition: dict[int, list[int]] = {}
-        for i, entry in enumerate(task.entries):
-            by_partition.setdefault(entry.partition, []).append(i)
-        for part_index, indices in by_partition.items():
-            try:
-                loaded = source.load_images(parts[part_index], [task.entries[i].row for i in indices])
-            except OSError as exc:  # a file that vanished or a tar that cannot be read: retryable
-                for i in indices:
-                    statuses[i] = {"status": "failed", "reason": f"read_error: {exc}", "retryable": True}
-                continue
+    by_partition: dict[int, list[int]] = {}
+    for i, entry in enumerate(task.entries):
+        by_partition.setdefault(entry.partition, []).append(i)
+    for part_index, indices in by_partition.items():
+        try:
+            loaded = source.load_images(parts[part_index], [task.entries[i].row for i in indices])
+        except OSError as exc:  # a file that vanished or a tar that cannot be read: retryable
             for i in indices:
-                entry = task.entries[i]
-                cand = loaded.get(entry.row)
-                if cand is None or cand.image is None:
-                    statuses[i] = {"status": "failed", "reason": "missing_image", "retryable": False}
-                    continue
-                try:
-                    if isinstance(cand.image, bytes):
-                        image = process_image(cand.image, fetch_cfg)
-                    else:
-                        image = encode_image(cand.image, fetch_cfg)
-                except ImageRejected as exc:
-                    status = "failed" if exc.reason in ("not_an_image", "truncated") else "filtered"
-                    statuses[i] = {"status": status, "reason": exc.reason, "retryable": False}
-                    continue
-                ok(i, entry, image)
+                statuses[i] = {"status": "failed", "reason": f"read_error: {exc}", "retryable": True}
+            continue
+        for i in indices:
+            entry = task.entries[i]
+            cand = loaded.get(entry.row)
+            if cand is None or cand.image is None:
+                statuses[i] = {"status": "failed", "reason": "missing_image", "retryable": False}
+                continue
+            try:
+                if isinstance(cand.image, bytes):
+                    image = process_image(cand.image, fetch_cfg)
+                else:
+                    image = encode_image(cand.image, fetch_cfg)
+            except ImageRejected as exc:
+                status = "failed" if exc.reason in ("not_an_image", "truncated") else "filtered"
+                statuses[i] = {"status": status, "reason": exc.reason, "retryable": False}
+                continue
+            samples[i] = RawSample(entry.key, image.jpeg, entry.caption, _sample_meta(entry, source.name, image))
+            statuses[i] = {"status": "ok", "reason": None, "retryable": False}
+    return _write_shard(output_uri, storage_cfg, task, samples, statuses, None, time.monotonic() - start)
 
+
+def _write_shard(
+    output_uri: str, storage_cfg: StorageConfig | None, task: ShardTask, samples: dict[int, RawSample],
+    statuses: dict[int, dict[str, Any]], latency: dict[str, Any] | None, seconds: float,
+) -> dict[str, Any]:
+    """The tar of the ok samples in entry order, then the done-record listing every entry; returns the record."""
     output = RawOutput(output_uri, storage_cfg)
     ordered = [samples[i] for i in sorted(samples)]
     size = output.write_shard(task.index, ordered)
@@ -184,7 +219,7 @@ def build_shard(
         "shard": raw_shard_name(task.index),
         "fingerprint": task.fingerprint,
         "bytes": size,
-        "seconds": time.monotonic() - start,
+        "seconds": seconds,
         "latency": latency,
         "samples": [
             {"candidate": e.candidate, "key": e.key, **statuses[i]} for i, e in enumerate(task.entries)

@@ -3,7 +3,8 @@
 Every image that goes into a raw shard passes through here, whether it was downloaded, read from a folder or a
 webdataset tar, or rendered by the synthetic generator: decode (with a decompression-bomb limit), validate size
 and aspect ratio, convert to RGB, shrink so the longest side is at most `max_side`, re-encode as JPEG, and hash
-(sha256 of the stored JPEG bytes, 64-bit pHash of the pixels).
+(sha256 of the stored JPEG bytes, 64-bit pHash of the pixels) and take the colour signature (8 x 8 RGB thumbnail,
+clip.formats.raw.color_signature) of the same pixels, so that dedup never decodes the image again.
 
     processed = process_image(raw_bytes, cfg.collect.fetch)   # raises ImageRejected(reason) when unusable
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clip.config import FetchConfig
+from clip.formats.raw import color_signature, encode_color
 from clip.imagehash import phash_hex
 
 # Reasons an image is refused; they go into candidates.parquet and stats.json as `reason`.
@@ -38,6 +40,7 @@ class ProcessedImage:
     height: int
     sha256: str
     phash: str  # 16 lower-case hex characters, clip.imagehash.phash_hex
+    color: str  # the raw sample's `color` field: base64 of the 192-byte 8 x 8 RGB signature (clip.formats.raw)
 
 
 class ImageRejected(ValueError):
@@ -89,6 +92,7 @@ def encode_image(image: Image.Image, cfg: FetchConfig, *, check: bool = True) ->
         height=image.height,
         sha256=hashlib.sha256(jpeg).hexdigest(),
         phash=phash_hex(image),
+        color=encode_color(color_signature(image)),
     )
 
 

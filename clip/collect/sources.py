@@ -6,8 +6,11 @@ metadata tables; the file path, tar member or synthetic id for local sources) an
 the image itself.
 
 - `table`: (url, caption) metadata tables, Parquet / CSV / TSV / JSONL (CC3M, CC12M, LAION, DataComp style).
-  Read with pyarrow in record batches, never whole: a Parquet file splits into partitions of row groups, a text
-  table is one partition per file, streamed block by block.
+  Read with pyarrow in record batches, never whole: a Parquet file splits into partitions of consecutive row
+  groups (about `partition_size` rows each); an uncompressed text table splits into byte ranges of about
+  `partition_bytes` (TEXT_PARTITION_BYTES by default), each starting at a record start, so that the partitions
+  hold every row of the file exactly once (see `text_partition_starts`). A compressed text table (.gz, .bz2,
+  .zst, .lz4) cannot be entered in the middle: it is one partition, streamed block by block.
 - `folder`: a folder tree of images with sidecar caption files (`cat.jpg` + `cat.txt`).
 - `webdataset`: existing webdataset tars (local paths, brace patterns, s3:// URLs), one partition per tar.
 - `synthetic`: the built-in generator (clip.synthetic), the embedded default.
@@ -27,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image
 
@@ -46,6 +49,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _TEXT_BLOCK_BYTES = 8 << 20  # pyarrow CSV/JSON block: bounded memory however large the file
+TEXT_PARTITION_BYTES = 64 << 20  # default byte range of one text-table partition (what a task holds in memory)
+_COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
 
 
 class SourceError(ValueError):
@@ -146,6 +151,61 @@ def _text_or_empty(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+_SCAN_BLOCK_BYTES = 8 << 20
+
+
+def text_partition_starts(handle: BinaryIO, every: int, csv: bool) -> tuple[list[int], int]:
+    """(record starts about `every` bytes apart, file size) of an uncompressed text table read from `handle`.
+
+    A start is the offset just after a newline that ends a record, the first record end at least `every`
+    bytes after the previous start; cutting a file at these offsets loses and duplicates no row. `csv`
+    (CSV / TSV): the first start is the end of the header record, and a newline inside a quoted field is not
+    a record end. The quote state at a newline is the parity of the quote
+    characters before it, which is exact for RFC 4180 quoting (a field with a quote is quoted as a whole and
+    its quotes doubled, as Python's csv module and pandas write); a bare quote inside an unquoted field flips
+    the parity, and a cut placed in a quoted newline after it makes the partitions fail to parse (an error,
+    not silently wrong rows). Quote state is a property of everything before a point, so a CSV is read once,
+    from its start, in blocks (bounded memory); JSONL has no newline inside a record and could seek instead.
+    Offsets equal to the file size are not starts (nothing follows them).
+    """
+    starts: list[int] = []
+    want = 1 if csv else every  # the next start must be >= want (a CSV's first one ends its header)
+    position = 0  # file offset of `block`
+    quotes = 0  # quote characters before `counted` (file offset)
+    while block := handle.read(_SCAN_BLOCK_BYTES):
+        counted = 0  # quote characters of this block are counted up to here
+        search = max(want - 1 - position, 0)
+        while search < len(block):
+            newline = block.find(b"\n", search)
+            if newline < 0:
+                break
+            if csv:
+                quotes += block.count(b'"', counted, newline)
+                counted = newline
+                if quotes % 2:  # inside a quoted field: look at the next newline
+                    search = newline + 1
+                    continue
+            starts.append(position + newline + 1)
+            want = starts[-1] + every
+            search = max(want - 1 - position, newline + 1)
+        if csv:
+            quotes += block.count(b'"', counted)
+        position += len(block)
+    return [start for start in starts if start < position], position
+
+
+def _read_range(uri: str, start: int, stop: int, storage_cfg: StorageConfig | None) -> bytes:
+    """Bytes [start, stop) of a local file or s3:// object (a seek locally, an HTTP Range GET on S3)."""
+    from clip import storage
+
+    with storage.open_read(uri, storage_cfg, start=start, end=stop) as handle:
+        data = handle.read(stop - start)
+    if len(data) != stop - start:
+        raise SourceError(f"{uri}: shorter than when it was partitioned (bytes {start}-{stop} wanted); "
+                          "was it rewritten during the run?")
+    return data
+
+
 # ----------------------------------------------------------------------------------------------------------
 # table
 
@@ -154,7 +214,7 @@ def table_format(path: str, configured: str) -> str:
     if configured != "auto":
         return configured
     name = path.lower()
-    for suffix in (".gz", ".bz2", ".zst", ".lz4"):
+    for suffix in _COMPRESSED_SUFFIXES:
         name = name.removesuffix(suffix)
     if name.endswith((".parquet", ".pq")):
         return "parquet"
@@ -173,9 +233,11 @@ class TableSource(CandidateSource):
     name = "table"
     needs_fetch = True
 
-    def __init__(self, cfg: TableSourceConfig, partition_size: int, storage_cfg: StorageConfig | None = None):
+    def __init__(self, cfg: TableSourceConfig, partition_size: int, storage_cfg: StorageConfig | None = None,
+                 partition_bytes: int = TEXT_PARTITION_BYTES):
         self.cfg = cfg
-        self.partition_size = partition_size
+        self.partition_size = partition_size  # rows per Parquet partition (whole row groups)
+        self.partition_bytes = partition_bytes  # bytes per uncompressed text partition (whole records)
         self.storage_cfg = storage_cfg
         self.files: list[str] = []
         for pattern in cfg.paths:
@@ -215,22 +277,61 @@ class TableSource(CandidateSource):
                         groups, rows = [], 0
                 if groups:
                     parts.append(Partition(len(parts), ("parquet", path, tuple(groups))))
-            else:
+            elif path.lower().endswith(_COMPRESSED_SUFFIXES):
                 with self._text_reader(path, fmt) as (reader, _handle):
                     self._check_columns(reader.schema.names, path)
                 parts.append(Partition(len(parts), (fmt, path, ())))
+            else:
+                parts.extend(self._text_partitions(path, fmt, len(parts)))
         return parts
 
+    def _text_partitions(self, path: str, fmt: str, first_index: int) -> list[Partition]:
+        """An uncompressed CSV / TSV / JSONL file as byte ranges of whole records, in file order.
+
+        Spec: (fmt, path, (start, stop, header)): the records in bytes [start, stop); `header` is a CSV's
+        header record (the column names every range is parsed with), b"" for JSONL.
+        """
+        is_csv = fmt != "jsonl"
+        with _open_binary(path, self.storage_cfg) as handle:
+            starts, size = text_partition_starts(handle, self.partition_bytes, csv=is_csv)
+        header = b""
+        data_start = 0
+        if is_csv:
+            # The first start ends the header; a header-only file has none (its one range is empty).
+            data_start = starts.pop(0) if starts else size
+            header = _read_range(path, 0, data_start, self.storage_cfg)
+            with self._text_reader(path, fmt, data=header) as (reader, _handle):
+                self._check_columns(reader.schema.names, path)
+        else:
+            with self._text_reader(path, fmt) as (reader, _handle):  # the schema of the first block
+                self._check_columns(reader.schema.names, path)
+        bounds = [data_start, *starts, size]
+        return [
+            Partition(first_index + i, (fmt, path, (start, stop, header)))
+            for i, (start, stop) in enumerate(zip(bounds, bounds[1:], strict=False))
+        ]
+
     class _Reader:
-        def __init__(self, source: TableSource, path: str, fmt: str) -> None:
-            self.source, self.path, self.fmt = source, path, fmt
+        """A pyarrow batch reader over a whole text file, or over `data` (a partition's bytes) when given."""
+
+        def __init__(self, source: TableSource, path: str, fmt: str, data: bytes | None = None) -> None:
+            self.source, self.path, self.fmt, self.data = source, path, fmt, data
 
         def __enter__(self):
             import pyarrow as pa
             import pyarrow.csv as pacsv
             import pyarrow.json as pajson
 
-            if self.path.startswith("s3://"):
+            parse_json = pajson.ParseOptions()
+            if self.data is not None:
+                self.handle = pa.BufferReader(self.data)
+                # Both columns as text: a range whose rows all lack a key reads it as null, not as a missing
+                # column (the file's columns were checked once, when it was partitioned).
+                parse_json = pajson.ParseOptions(
+                    explicit_schema=pa.schema([(name, pa.string()) for name in self.source._columns()]),
+                    unexpected_field_behavior="ignore",
+                )
+            elif self.path.startswith("s3://"):
                 self.handle = _open_binary(self.path, self.source.storage_cfg)
             else:
                 if not os.path.exists(self.path):
@@ -240,7 +341,8 @@ class TableSource(CandidateSource):
             try:
                 if self.fmt == "jsonl":
                     reader = pajson.open_json(
-                        self.handle, read_options=pajson.ReadOptions(block_size=_TEXT_BLOCK_BYTES)
+                        self.handle, read_options=pajson.ReadOptions(block_size=_TEXT_BLOCK_BYTES),
+                        parse_options=parse_json,
                     )
                 else:
                     reader = pacsv.open_csv(
@@ -263,20 +365,26 @@ class TableSource(CandidateSource):
         def __exit__(self, *exc_info: object) -> None:
             self.handle.close()
 
-    def _text_reader(self, path: str, fmt: str) -> TableSource._Reader:
-        return TableSource._Reader(self, path, fmt)
+    def _text_reader(self, path: str, fmt: str, data: bytes | None = None) -> TableSource._Reader:
+        return TableSource._Reader(self, path, fmt, data)
 
     def _batches(self, part: Partition) -> Iterator[Any]:
         import pyarrow.parquet as pq
 
-        fmt, path, groups = part.spec
+        fmt, path, extent = part.spec
         if fmt == "parquet":
             with _open_binary(path, self.storage_cfg) as handle:
                 yield from pq.ParquetFile(handle).iter_batches(
-                    batch_size=65536, row_groups=list(groups), columns=self._columns()
+                    batch_size=65536, row_groups=list(extent), columns=self._columns()
                 )
             return
-        with self._text_reader(path, fmt) as (reader, _handle):
+        data = None
+        if extent:  # a byte range of an uncompressed file (in memory: at most ~partition_bytes)
+            start, stop, header = extent
+            data = header + _read_range(path, start, stop, self.storage_cfg)
+            if not data:
+                return  # an empty JSONL file
+        with self._text_reader(path, fmt, data) as (reader, _handle):
             self._check_columns(reader.schema.names, path)
             yield from reader
 

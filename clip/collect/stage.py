@@ -17,8 +17,10 @@ Steps (each map step runs one task per source partition, on Dask when the pool i
 5. Shards (one task each, clip.collect.build): fetch (table) or load/render the images, validate and re-encode,
    write raw-NNNNN.tar (temp name, then rename) and its done-record. Shards whose tar and record exist with a
    matching fingerprint are not redone; with `fetch.retry_failed`, shards whose record holds a retryable
-   failure are rebuilt whole (all their candidates are tried again; the keys stay the same). On Dask, the
-   per-host concurrency and rate limits are shared out among the worker processes (`split_host_limits`).
+   failure are rebuilt whole (all their candidates are tried again; the keys stay the same). On Dask, a URL
+   source's fetches run in the worker process that owns the URL's host (`build_host_owned`), so the per-host
+   concurrency and rate limits hold as configured across all workers; only the writing of a shard may run
+   anywhere.
 6. Summaries, always rewritten from the records (clip.collect.summary): candidates.parquet, query_counts.json,
    stats.json. stats.json also records `collect.synthetic.image_size` for dedup (docs/formats.md).
 
@@ -29,7 +31,9 @@ from an earlier run count as done from the start, so a resumed run ends on the p
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -42,9 +46,11 @@ from clip.collect.build import (
     build_shard,
     close_shared_fetchers,
     digest,
+    fetch_entries,
     reusable_record,
     shard_fingerprint,
-    split_host_limits,
+    split_by_owner,
+    write_fetched_shard,
 )
 from clip.collect.matching import balance
 from clip.collect.partitions import count_partition, match_partition
@@ -52,7 +58,7 @@ from clip.collect.sources import CandidateSource, Partition, make_source
 from clip.collect.summary import stage_metrics, write_summaries
 from clip.collect.writer import RawOutput
 from clip.compute import DaskRunner
-from clip.config import CollectConfig, ComputeConfig, StorageConfig, TrackingConfig
+from clip.config import CollectConfig, ComputeConfig, FetchConfig, StorageConfig, TrackingConfig
 from clip.formats.raw import (
     CANDIDATES_NAME,
     QUERY_COUNTS_NAME,
@@ -155,6 +161,53 @@ class _ShardProgress:
             self.progress(PROGRESS_TASK, self.done, self.total, self.detail())
 
 
+def build_host_owned(
+    runner: DaskRunner, source_name: str, fetch_cfg: FetchConfig, output_uri: str,
+    storage_cfg: StorageConfig | None, tasks: list[ShardTask],
+) -> Iterator[dict[str, Any]]:
+    """Build a URL source's shards on the Dask cluster with every host fetched by one worker process.
+
+    Worker i of the sorted worker addresses owns the hosts `host_owner(url, workers) == i`; each shard's URLs
+    are fetched by one `fetch_entries` task per owner, pinned to that worker (strict restrictions: work
+    stealing never moves one), and written by a `write_fetched_shard` task that may run anywhere. At most two
+    shards per worker are in flight, so fetched images held between the two steps stay bounded. Yields the
+    records in completion order. The owners are fixed when the step starts: a worker lost mid-run leaves its
+    hosts' fetches waiting (the run does not finish; a rerun resumes from the finished shards).
+    """
+    from dask.distributed import as_completed
+
+    client = runner.client_or_start()
+    client.wait_for_workers(1)  # a scheduler named in the config may have none yet
+    workers = sorted(client.nthreads())  # addresses; the owner of a host is its index here
+    # hash=False: a fresh key, so no other step's release can drop it.
+    shared_cfg = client.scatter(fetch_cfg, broadcast=True, hash=False)
+    submitted = []
+
+    def submit(task: ShardTask) -> Any:
+        fetches = [
+            client.submit(fetch_entries, shared_cfg, items, workers=[workers[owner]], allow_other_workers=False,
+                          pure=False)
+            for owner, items in sorted(split_by_owner(task, len(workers)).items())
+        ]
+        written = client.submit(write_fetched_shard, source_name, output_uri, storage_cfg, task, *fetches,
+                                pure=False)
+        submitted.append(written)
+        return written
+
+    waiting = iter(tasks)
+    running = as_completed([submit(task) for task in islice(waiting, 2 * len(workers))])
+    try:
+        for future in running:
+            record = future.result()  # re-raises a task's exception here, with its traceback
+            following = next(waiting, None)
+            if following is not None:
+                running.add(submit(following))
+            submitted.remove(future)
+            yield record
+    finally:
+        client.cancel([*submitted, shared_cfg])
+
+
 def _collect(
     cfg: CollectConfig, storage_cfg: StorageConfig, compute: ComputeConfig, progress: Progress | None,
 ) -> dict[str, Any]:
@@ -226,13 +279,14 @@ def _collect(
         # 5. build shards
         build_start = time.monotonic()
         parallel = runner.wants_cluster(len(todo), MIN_SHARDS_FOR_CLUSTER)
-        fetch_cfg = cfg.fetch
         if parallel and source.needs_fetch:
-            fetch_cfg = split_host_limits(cfg.fetch, runner.worker_processes())
-        shared = (source, part_by_index, fetch_cfg, cfg.output_dir, storage_cfg)
+            built = build_host_owned(runner, source.name, cfg.fetch, cfg.output_dir, storage_cfg, todo)
+        else:
+            shared = (source, part_by_index, cfg.fetch, cfg.output_dir, storage_cfg)
+            built = runner.run(build_shard, shared, ((task,) for task in todo), parallel)
         built_ok = 0
         shard_progress = _ShardProgress(progress, len(tasks), list(records.values()))
-        for record in runner.run(build_shard, shared, ((task,) for task in todo), parallel):
+        for record in built:
             index = int(record["shard"][4:9])
             records[index] = record
             built_ok += sum(1 for s in record["samples"] if s["status"] == "ok")

@@ -8,7 +8,7 @@ dataset says how many training pairs matched, out of how many evaluation images,
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,12 +173,18 @@ class OverlapResult:
     report: dict[str, dict[str, Any]]
 
 
+def _text(key: str | bytes) -> str:
+    return key.decode("utf-8") if isinstance(key, bytes) else key
+
+
 ConfirmFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (train idx [k], eval signatures [k, 192]) -> keep [k]
 
 
-def find_overlap(train_hashes: np.ndarray, train_keys: list[str], eval_sets: list[EvalSet], threshold: int,
-                 max_examples: int, confirm: ConfirmFn | None = None) -> OverlapResult:
+def find_overlap(train_hashes: np.ndarray, train_keys: Sequence[str] | np.ndarray, eval_sets: list[EvalSet],
+                 threshold: int, max_examples: int, confirm: ConfirmFn | None = None) -> OverlapResult:
     """Training indices within `threshold` of any evaluation image, and the per-dataset overlap report.
+
+    `train_keys`: the training keys (str, or UTF-8 bytes as the pool's key column holds them).
 
     `confirm`: optional second check of each pHash match (the colour signature), applied to the sets whose
     `color_check` is on; rejected matches do not count. Matches are reported per evaluation image (a match to
@@ -204,7 +210,7 @@ def find_overlap(train_hashes: np.ndarray, train_keys: list[str], eval_sets: lis
             if t not in removed or candidate[1] < removed[t][1]:
                 removed[t] = candidate
         # Examples: the closest matches first, then by training key, so the report is deterministic.
-        rows = sorted(zip(distance[first].tolist(), [train_keys[t] for t in matched_train.tolist()],
+        rows = sorted(zip(distance[first].tolist(), [_text(train_keys[t]) for t in matched_train.tolist()],
                           eval_idx[first].tolist(), strict=True))
         examples = [
             {"train_key": key, "eval_id": eval_set.ids[e],

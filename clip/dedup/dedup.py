@@ -8,24 +8,27 @@ Order of the passes (each sees only what the previous ones kept):
 4. `near_duplicate`: pHash Hamming distance <= `near_dup_threshold`, clustered transitively (when
    `near_duplicates`).
 pHash matches (passes 1 and 4) are confirmed by a colour check when `color_tolerance` is set (clip.dedup.color):
-pHash is grey-level, so without it same-layout images in different colours would be merged.
+pHash is grey-level, so without it same-layout images in different colours would be merged. The colour signatures
+come from the raw JSON; only a pool written before they were stored has images decoded, counted in the metric
+`images_decoded_for_color_check`.
+The near-duplicate pass uses the bounded search (clip.dedup.neardup.find_near_duplicates: work per sample bounded
+whatever the clusters; its counters are in the metric `near_duplicate_search`). The passes work on the pool's
+numpy columns (clip.dedup.pool) and vectorised group operations; Python lists are built only for the result.
 In every duplicate group the survivor is deterministic: the largest image (width * height), then the smallest key;
 `duplicate_of` names it.
 """
 
 from __future__ import annotations
 
-import string
 import time
-import unicodedata
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from clip.compute import DaskRunner
 from clip.config import ComputeConfig, DedupConfig, StorageConfig
-from clip.dedup.color import PoolSignatures, signature_distance
+from clip.dedup.color import PoolColors, signature_distance
 from clip.dedup.decontam import (
     EvalSet,
     eval_set_names,
@@ -35,28 +38,16 @@ from clip.dedup.decontam import (
     registry_keys,
     synthetic_eval_sets,
 )
-from clip.dedup.neardup import cluster_labels, find_near_pairs, find_near_pairs_dask
-from clip.dedup.pool import PoolMetadata
+from clip.dedup.neardup import NearDuplicates, find_near_duplicates, find_near_duplicates_dask
+from clip.dedup.pool import PoolMetadata, normalize_caption
 from clip.formats.dedup import write_keep_list, write_overlap_report, write_removed_list
 from clip.progress import Progress, for_task
 from clip.result import StageResult
 
 REASONS = ("eval_overlap", "exact_caption_image", "exact_sha256", "near_duplicate")
+_KEPT = -1  # reason code of a kept sample; otherwise the index into REASONS
 
-
-def normalize_caption(caption: str) -> str:
-    """Lower-case, whitespace collapsed, punctuation stripped at both ends ("  A Dog!! " -> "a dog")."""
-    text = " ".join(caption.lower().split())
-    start, end = 0, len(text)
-    while start < end and _is_edge_noise(text[start]):
-        start += 1
-    while end > start and _is_edge_noise(text[end - 1]):
-        end -= 1
-    return text[start:end]
-
-
-def _is_edge_noise(char: str) -> bool:
-    return char in string.punctuation or char.isspace() or unicodedata.category(char).startswith("P")
+__all__ = ["REASONS", "DedupResult", "deduplicate", "load_eval_sets", "normalize_caption", "write_outputs"]
 
 
 @dataclass(kw_only=True)
@@ -74,32 +65,49 @@ class DedupResult(StageResult):
         return [i for i, r in enumerate(self.reason) if r is None]
 
 
-def _survivor_order(keys: list[str], areas: np.ndarray, members: list[int]) -> list[int]:
-    """`members` sorted so the preferred survivor comes first: largest area (width * height), then smallest key."""
-    return sorted(members, key=lambda i: (-int(areas[i]), keys[i]))
+def _as_rows(columns: list[np.ndarray]) -> np.ndarray:
+    """[k] opaque byte strings, one per row of the [k, w_i] uint8 columns side by side: equal rows, equal values."""
+    table = np.ascontiguousarray(np.concatenate([c.reshape(c.shape[0], -1).view(np.uint8) for c in columns], axis=1))
+    return table.view(np.dtype((np.void, table.shape[1]))).reshape(-1)
 
 
-def _remove_groups(pool: PoolMetadata, alive: np.ndarray, group_of: list[Any], reason: str,
-                   removed_reason: list[str | None], duplicate_of: list[str | None]) -> int:
-    """Within each group of alive indices keep the survivor, mark the rest `reason`; returns how many removed.
+def _remove_groups(pool: PoolMetadata, alive: np.ndarray, group_of: np.ndarray, reason_code: int,
+                   reason: np.ndarray, duplicate_of: np.ndarray) -> int:
+    """Within each group of alive indices keep the survivor, mark the rest; returns how many were removed.
 
-    group_of[j] is the group label of alive[j].
+    alive: [k] pool indices; group_of: [k] group value of each (any sortable dtype). The survivor of a group is
+    the largest image (width * height), then the smallest key. reason / duplicate_of: [n] codes and survivor
+    pool index, written for the removed.
     """
-    groups: dict[Any, list[int]] = {}
-    for idx, group in zip(alive.tolist(), group_of, strict=True):
-        groups.setdefault(group, []).append(idx)
-    removed = 0
-    areas = pool.areas()
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        ranked = _survivor_order(pool.keys, areas, members)
-        survivor = pool.keys[ranked[0]]
-        for idx in ranked[1:]:
-            removed_reason[idx] = reason
-            duplicate_of[idx] = survivor
-            removed += 1
-    return removed
+    if alive.size < 2:
+        return 0
+    _, group = np.unique(group_of, return_inverse=True)
+    group = group.reshape(-1)
+    order = np.lexsort((pool.keys[alive], -pool.area[alive], group))  # by group, then the survivor first
+    sorted_group = group[order]
+    first = np.concatenate(([True], sorted_group[1:] != sorted_group[:-1]))
+    survivor = alive[order[first]][np.cumsum(first) - 1]  # [k] the survivor of each sorted member's group
+    removed = alive[order[~first]]
+    reason[removed] = reason_code
+    duplicate_of[removed] = survivor[~first]
+    return int(removed.size)
+
+
+def _near_duplicates(hashes: np.ndarray, cfg: DedupConfig, compute: ComputeConfig | None, dask: Any,
+                     progress: Progress | None, colors: np.ndarray | None,
+                     color_rows: np.ndarray) -> NearDuplicates:
+    tolerance = None if colors is None else cfg.color_tolerance
+    rows = None if colors is None else color_rows
+    if not cfg.use_dask:
+        return find_near_duplicates(hashes, cfg.near_dup_threshold, colors, tolerance,
+                                    progress=for_task(progress, "near-duplicate bands"), color_rows=rows)
+    compute = compute or ComputeConfig()
+    partitions = max(1, compute.dask_workers * compute.threads_per_worker * 2)
+    if dask is not None:
+        return find_near_duplicates_dask(hashes, cfg.near_dup_threshold, dask, partitions, colors, tolerance, rows)
+    with DaskRunner(compute) as runner:
+        return find_near_duplicates_dask(hashes, cfg.near_dup_threshold, runner.client_or_start(), partitions,
+                                         colors, tolerance, rows)
 
 
 def load_eval_sets(cfg: DedupConfig, synthetic_image_size: int, progress: Progress | None = None) -> list[EvalSet]:
@@ -122,71 +130,63 @@ def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
                 progress: Progress | None = None, storage_cfg: StorageConfig | None = None) -> DedupResult:
     """Run the four passes over `pool`. `dask`: an existing Dask client (else one is made when cfg.use_dask)."""
     start = time.monotonic()
-    signatures = PoolSignatures(pool, storage_cfg)
+    colors = PoolColors(pool, storage_cfg)
     tolerance = cfg.color_tolerance
 
     def confirm_eval(train_idx: np.ndarray, eval_signatures: np.ndarray) -> np.ndarray:
         assert tolerance is not None
-        return signature_distance(signatures.get(train_idx), eval_signatures) <= tolerance
+        return signature_distance(colors.get(train_idx), eval_signatures) <= tolerance
 
     n = len(pool)
-    reason: list[str | None] = [None] * n
-    duplicate_of: list[str | None] = [None] * n
-    hashes = pool.phash_array()
+    reason = np.full(n, _KEPT, dtype=np.int8)  # [n] index into REASONS, _KEPT when kept
+    duplicate_of = np.full(n, -1, dtype=np.int64)  # [n] pool index of the survivor (near and exact passes)
+    hashes = pool.phash
     counts = dict.fromkeys(REASONS, 0)
     timings: dict[str, float] = {}
 
     tick = time.monotonic()
     overlap = find_overlap(hashes, pool.keys, eval_sets, cfg.near_dup_threshold, cfg.report_examples,
                            confirm=None if tolerance is None else confirm_eval)
+    eval_match: dict[int, str] = {}
     for idx, (match, _distance) in overlap.removed.items():
-        reason[idx] = "eval_overlap"
-        duplicate_of[idx] = match
+        reason[idx] = REASONS.index("eval_overlap")
+        eval_match[idx] = match
     counts["eval_overlap"] = len(overlap.removed)
     timings["eval_overlap_s"] = time.monotonic() - tick
 
     def alive() -> np.ndarray:
-        return np.array([i for i in range(n) if reason[i] is None], dtype=np.int64)
+        return np.flatnonzero(reason == _KEPT)
 
     tick = time.monotonic()
     if cfg.exact_caption_image:
         live = alive()
-        groups = [(normalize_caption(pool.caption[i]), pool.sha256[i]) for i in live.tolist()]
-        counts["exact_caption_image"] = _remove_groups(pool, live, groups, "exact_caption_image", reason, duplicate_of)
+        counts["exact_caption_image"] = _remove_groups(
+            pool, live, _as_rows([pool.caption[live], pool.sha256[live]]), REASONS.index("exact_caption_image"),
+            reason, duplicate_of)
     live = alive()
-    counts["exact_sha256"] = _remove_groups(pool, live, [pool.sha256[i] for i in live.tolist()], "exact_sha256",
+    counts["exact_sha256"] = _remove_groups(pool, live, _as_rows([pool.sha256[live]]), REASONS.index("exact_sha256"),
                                             reason, duplicate_of)
     timings["exact_s"] = time.monotonic() - tick
 
     tick = time.monotonic()
     near_pairs = color_rejected = 0
+    search_stats: dict[str, Any] = {}
     if cfg.near_duplicates:
         live = alive()
         live_hashes = hashes[live]
-        report = for_task(progress, "near-duplicate bands")
-        if cfg.use_dask:
-            compute = compute or ComputeConfig()
-            partitions = max(1, compute.dask_workers * compute.threads_per_worker * 2)
-            if dask is not None:
-                pairs = find_near_pairs_dask(live_hashes, cfg.near_dup_threshold, dask, partitions)
-            else:
-                with DaskRunner(compute) as runner:
-                    pairs = find_near_pairs_dask(live_hashes, cfg.near_dup_threshold, runner.client_or_start(),
-                                                 partitions)
-        else:
-            pairs = find_near_pairs(live_hashes, cfg.near_dup_threshold, progress=report)
-        if tolerance is not None and pairs.size:
-            # Confirm each pHash pair by colour; indices are positions in `live`, signatures are by pool index.
-            close = signature_distance(signatures.get(live[pairs[:, 0]]), signatures.get(live[pairs[:, 1]]))
-            color_rejected = int(np.count_nonzero(close > tolerance))
-            pairs = pairs[close <= tolerance]
-        near_pairs = int(pairs.shape[0])
-        labels = cluster_labels(live.size, pairs)
-        counts["near_duplicate"] = _remove_groups(pool, live, labels.tolist(), "near_duplicate", reason,
-                                                  duplicate_of)
+        if tolerance is not None and not pool.has_color[live].all():
+            # A pool written before the colour field: decode only the samples in some pHash match.
+            probe = find_near_duplicates(live_hashes, cfg.near_dup_threshold).labels(live.size)
+            colors.ensure(live[np.bincount(probe, minlength=live.size)[probe] > 1])
+        found = _near_duplicates(live_hashes, cfg, compute, dask, progress,
+                                 None if tolerance is None else pool.color, live)
+        near_pairs, color_rejected = int(found.edges.shape[0]), found.color_rejected
+        search_stats = {**asdict(found.stats), "bound_per_sample": found.stats.bound_per_hash}
+        counts["near_duplicate"] = _remove_groups(pool, live, found.labels(live.size),
+                                                  REASONS.index("near_duplicate"), reason, duplicate_of)
     timings["near_duplicate_s"] = time.monotonic() - tick
 
-    kept = sum(1 for r in reason if r is None)
+    kept = int(np.count_nonzero(reason == _KEPT))
     metrics: dict[str, Any] = {
         "input_samples": n,
         "incomplete_samples": pool.incomplete,
@@ -196,9 +196,11 @@ def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
         "removed_by_reason": counts,
         "near_duplicate_pairs": near_pairs,
         "near_duplicate_pairs_color_rejected": color_rejected,
+        "near_duplicate_search": search_stats,
         "eval_matches_color_rejected": {name: r["color_rejected"] for name, r in overlap.report.items()},
         "color_tolerance": tolerance,
-        "images_decoded_for_color_check": signatures.decoded,
+        "images_decoded_for_color_check": colors.decoded,
+        "pool_bytes_per_sample": round(pool.bytes_per_sample(), 1),
         "near_dup_threshold": cfg.near_dup_threshold,
         "eval_sets": {s.name: s.num_images for s in eval_sets},
         "eval_overlap_by_set": {name: r["matched"] for name, r in overlap.report.items()},
@@ -206,8 +208,13 @@ def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
         **timings,
         "dedup_seconds": time.monotonic() - start,
     }
-    return DedupResult(keys=pool.keys, shards=pool.shards, sha256=pool.sha256, reason=reason, duplicate_of=duplicate_of,
-                       overlap_report=overlap.report, metrics=metrics)
+    keys = pool.key_list()
+    reason_text: list[str | None] = [None if r == _KEPT else REASONS[r] for r in reason.tolist()]
+    survivor: list[str | None] = [None if d < 0 else keys[d] for d in duplicate_of.tolist()]
+    for idx, match in eval_match.items():
+        survivor[idx] = match
+    return DedupResult(keys=keys, shards=pool.shard_list(), sha256=pool.sha256_hex(), reason=reason_text,
+                       duplicate_of=survivor, overlap_report=overlap.report, metrics=metrics)
 
 
 def write_outputs(result: DedupResult, output_dir: str, storage_cfg: StorageConfig | None = None) -> dict[str, str]:

@@ -1,40 +1,91 @@
-"""Sub-quadratic near-duplicate search over 64-bit perceptual hashes (multi-index hashing).
+"""Near-duplicate search over 64-bit perceptual hashes (multi-index hashing), bounded on clustered pools.
 
-Two hashes within Hamming distance `t` differ in at most `t` bits. Split the 64 bits into `t + 1` disjoint bands:
-by pigeonhole, at least one band holds none of the differing bits, so the pair agrees exactly on that band. So it
-is enough to bucket every hash by (band index, band value) and compare only hashes that share a bucket; with
-random-looking hashes a bucket holds n / 2**(64 / (t + 1)) hashes instead of n, which makes the search about
-n * bucket_size rather than n**2.
+Pigeonhole. Two hashes within Hamming distance `t` differ in at most `t` bits. Split the 64 bits into
+`s = t + k` disjoint bands: the differing bits touch at most `t` bands, so the pair agrees exactly on at least `k`
+of them. So it is enough to bucket every hash by each of the C(s, k) "keys" (the hash masked to a choice of `k`
+bands) and compare only hashes that share a bucket, i.e. a run of equal key values once sorted. `k = 1` is the
+classic layout (t + 1 bands); `search_layout` picks `k` from the pool size so that a bucket of random-looking hashes
+stays small (10M hashes, t = 4: k = 2, 15 keys of ~21 bits, ~5 hashes per random bucket instead of ~1,200).
 
-Inside a band the hashes are sorted by band value, so a bucket is a run of equal values; the comparisons are
-numpy-vectorised by offset: at offset d every position i is compared with i + d while both lie in one run
-(XOR + popcount over whole arrays at once). A pair that agrees on several bands is found once per band; the
-pair list is de-duplicated at the end.
+Two searches share that bucketing:
 
-The work splits into independent partitions (band index, hash(band value) % P): each partition's pairs depend on
-that partition alone, so they can run as Dask tasks on a cluster and only the (small) pair list comes back.
+* `find_near_pairs` (and `find_pairs_in_partition`, `find_near_pairs_dask`, `brute_force_pairs`): every pair
+  within `t`, exact, k = 1. Inside a bucket every member meets every other, so a cluster of m look-alike hashes
+  costs m^2: for tests, benchmarks and small pools.
+* `find_near_duplicates` (and `find_near_duplicates_dask`): the connected components that dedup needs, with the
+  work per hash bounded whatever the clusters. Per key, a run of at most SMALL_RUN members is compared all-pairs
+  (as above). A longer run is settled by leader rounds: the first unassigned member is the leader, every other
+  unassigned member of the run is compared with it, and those that match (pHash within `t` and, when given, the
+  colour check) are joined to it and leave the run; the leader leaves too. Once at most SMALL_RUN members remain,
+  they are compared all-pairs. After LEADER_ROUNDS rounds a run that still has more is finished approximately: each
+  remaining member is compared with its next SMALL_RUN - 1 neighbours only (counted in `SearchStats.truncated_runs`).
 
-    pairs = find_near_pairs(hashes, threshold=4)   # [m, 2] int64 index pairs i < j
-    labels = cluster_labels(len(hashes), pairs)     # connected components (union-find)
+  Bound: charge each comparison to the member compared (not the leader) or, in the all-pairs / windowed tail, to
+  the earlier of the two: a hash is charged at most once per leader round and SMALL_RUN - 1 times in the tail, so
+  one key costs at most n * BOUND_PER_KEY comparisons (BOUND_PER_KEY = LEADER_ROUNDS + SMALL_RUN - 1 = 127) and
+  the search at most n * keys * BOUND_PER_KEY (`SearchStats.bound_per_hash`), whatever the clusters; each
+  comparison within the pHash threshold costs one colour check more. `SearchStats.comparisons` counts them
+  (10M hashes with 100,000 in clusters of 1,000-60,000: 31 per hash, against ~4,200 per hash for all pairs).
+
+  Exactness. The result is a set of confirmed edges whose connected components are compared below with the
+  brute-force graph (an edge for every pair within `t` that passes the colour check). The components are EQUAL
+  when (1) every brute-force component is a clique (every two members within `t` and colour-compatible: clusters
+  of near-identical hashes, e.g. each within t/2 bits of a centre, and no chains), and (2) no run was truncated
+  (`truncated_runs == 0`). Proof sketch: every brute-force edge (x, y) shares a bucket of some key (pigeonhole);
+  a short run compares all its pairs; in a long run, a member leaves only by matching a leader, which puts it in
+  the leader's component; under (1) neither x nor y can match a leader of another component, and the first
+  leader taken from their component matches both. Where they can differ: a chain x ~ y ~ z with x and z more
+  than `t` apart (or colour-incompatible) in one long run may be split when x leads and z stays (brute force
+  joins them through y) - a split, never a false merge, since every edge kept is a confirmed pair; and in a
+  truncated run, pairs more than SMALL_RUN - 1 places apart are not compared. Short runs, i.e. every pool whose
+  buckets stay under SMALL_RUN, give exactly the brute-force edges, so small pools dedup exactly as before.
+
+Colour: a leader that fails the colour check against a member does not absorb it; the member stays for a later
+leader (one from its own colour class), so a bucket of one layout in c colours takes c rounds, not m^2 checks.
+
+Dask: the work splits into independent (key, hash(key value) % P) partitions; a task receives only its
+partition's hashes, indices and colour signatures, so a worker holds one partition (n / P hashes of one key, about
+208 bytes each with colours), never the whole pool. Partitions are submitted one key at a time, so the driver
+ships at most one key's worth (n hashes) at once; only the edges come back.
+
+Train-vs-evaluation (`find_cross_pairs`): all pairs (query, reference) within `t`, exact. Both sides are first
+collapsed to their distinct hash values, so the comparisons per bucket are (distinct query values) x (distinct
+reference values): a cluster of m near-identical training hashes within r bits of a centre has at most
+sum_{i<=r} C(64, i) distinct values (2,081 for r = 2) whatever m. The matching pairs are then expanded back to
+indices (output-sized work).
+
+    found = find_near_duplicates(hashes, threshold=4, colors=colors, tolerance=40)   # NearDuplicates
+    labels = found.labels(len(hashes))              # connected components, label = smallest member index
+    pairs = find_near_pairs(hashes, threshold=4)    # every pair, [m, 2] int64 i < j (quadratic in a cluster)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 import numpy as np
 
 HASH_BITS = 64
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing constant: spreads band values over partitions
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing constant: spreads key values over partitions
 _CROSS_CHUNK = 4_000_000  # candidate pairs expanded at once in the train-vs-eval search (bounds memory)
+SMALL_RUN = 64  # runs up to this length are compared all-pairs (exact)
+LEADER_ROUNDS = 64  # leader rounds per long run before its tail is windowed
+BOUND_PER_KEY = LEADER_ROUNDS + SMALL_RUN - 1  # comparisons one hash takes part in, at most, per key
+_TARGET_BUCKET = 16  # random hashes per bucket that search_layout aims below
+_MAX_KEYS = 256  # most keys (band combinations) search_layout accepts
 
 
-def band_layout(threshold: int) -> list[tuple[int, int]]:
-    """(shift, width) of each of the `threshold + 1` bands that tile the 64 bits; widths differ by at most 1."""
+def band_layout(threshold: int, num_bands: int | None = None) -> list[tuple[int, int]]:
+    """(shift, width) of each band tiling the 64 bits (default `threshold + 1` bands); widths differ by <= 1."""
     if not 0 <= threshold < HASH_BITS:
         raise ValueError(f"near-duplicate threshold must be in [0, {HASH_BITS - 1}], got {threshold}")
-    num_bands = threshold + 1
+    num_bands = threshold + 1 if num_bands is None else num_bands
+    if not threshold < num_bands <= HASH_BITS:
+        raise ValueError(f"num_bands must be in [{threshold + 1}, {HASH_BITS}], got {num_bands}")
     base, extra = divmod(HASH_BITS, num_bands)
     layout = []
     shift = 0
@@ -43,6 +94,51 @@ def band_layout(threshold: int) -> list[tuple[int, int]]:
         layout.append((shift, width))
         shift += width
     return layout
+
+
+def _band_mask(shift: int, width: int) -> int:
+    return ((1 << width) - 1) << shift
+
+
+@dataclass(frozen=True)
+class SearchLayout:
+    """The buckets of the bounded search: `num_bands = threshold + agree` bands, a key per choice of `agree`."""
+
+    threshold: int
+    num_bands: int
+    agree: int
+    key_masks: tuple[int, ...]  # one 64-bit mask per key: the union of its `agree` bands
+
+    @property
+    def num_keys(self) -> int:
+        return len(self.key_masks)
+
+
+def search_layout(num_hashes: int, threshold: int, agree: int | None = None) -> SearchLayout:
+    """The layout for `num_hashes` hashes: `agree` (k) minimising keys * (sort + expected random bucket).
+
+    Cost model per hash and key: ~log2(n) for the sort plus the expected random bucket n / 2**key_bits.
+    """
+    band_layout(threshold)  # validates threshold
+
+    def layout_for(k: int) -> SearchLayout:
+        bands = band_layout(threshold, threshold + k)
+        masks = tuple(sum(_band_mask(*bands[b]) for b in chosen) for chosen in combinations(range(len(bands)), k))
+        return SearchLayout(threshold, len(bands), k, masks)
+
+    if agree is not None:
+        return layout_for(agree)
+    best, best_cost = 1, math.inf
+    k = 1
+    while threshold + k <= HASH_BITS and math.comb(threshold + k, k) <= _MAX_KEYS:
+        key_bits = min(bin(mask).count("1") for mask in layout_for(k).key_masks)
+        cost = math.comb(threshold + k, k) * (math.log2(max(num_hashes, 2)) + num_hashes / 2.0**key_bits)
+        if cost < best_cost:
+            best, best_cost = k, cost
+        if num_hashes / 2.0**key_bits < 1:
+            break  # a larger k only adds keys
+        k += 1
+    return layout_for(best)
 
 
 def _band_values(hashes: np.ndarray, shift: int, width: int) -> np.ndarray:
@@ -64,6 +160,10 @@ def as_hash_array(hashes: Sequence[int] | np.ndarray) -> np.ndarray:
     if arr.ndim != 1:
         raise ValueError(f"hashes must be a 1-D array, got shape {arr.shape}")
     return arr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Every pair (exact, quadratic inside a bucket)
 
 
 def _pairs_in_runs(sorted_values: np.ndarray, sorted_hashes: np.ndarray, order: np.ndarray,
@@ -123,7 +223,8 @@ def find_pairs_in_partition(hashes: np.ndarray, threshold: int, band: int, parti
 def find_near_pairs(hashes: Sequence[int] | np.ndarray, threshold: int, progress: Any = None) -> np.ndarray:
     """All index pairs (i < j) whose hashes are within Hamming distance `threshold`; [m, 2] int64, sorted.
 
-    `progress`: optional callable(done_bands, total_bands) for a progress bar.
+    Exact, but quadratic inside a bucket (a cluster of m look-alikes costs m^2): dedup uses
+    `find_near_duplicates`. `progress`: optional callable(done_bands, total_bands).
     """
     hashes = as_hash_array(hashes)
     layout = band_layout(threshold)
@@ -154,25 +255,264 @@ def find_near_pairs_dask(hashes: Sequence[int] | np.ndarray, threshold: int, cli
     return unique_pairs(np.concatenate(found)) if found else np.empty((0, 2), dtype=np.int64)
 
 
-def find_cross_pairs(query: Sequence[int] | np.ndarray, reference: Sequence[int] | np.ndarray,
-                     threshold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs (query index, reference index, distance) within `threshold`, via the same banded search.
-
-    Per band, the reference band values are sorted and each query finds its bucket with searchsorted; only
-    bucket members are compared. Returns three int64 arrays of equal length, sorted by (query, reference).
-    """
-    query = as_hash_array(query)
-    reference = as_hash_array(reference)
-    empty = np.empty(0, dtype=np.int64)
-    if query.size == 0 or reference.size == 0:
-        return empty, empty, empty
-    found_q: list[np.ndarray] = []
-    found_r: list[np.ndarray] = []
+def all_pairs_comparisons(hashes: Sequence[int] | np.ndarray, threshold: int) -> int:
+    """How many comparisons `find_near_pairs` makes: sum over bands and buckets of m * (m - 1) / 2."""
+    hashes = as_hash_array(hashes)
+    total = 0
     for shift, width in band_layout(threshold):
-        ref_values = _band_values(reference, shift, width)
+        _, counts = np.unique(_band_values(hashes, shift, width), return_counts=True)
+        total += int((counts.astype(np.int64) * (counts - 1) // 2).sum())
+    return total
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bounded search for connected components (what dedup uses)
+
+
+@dataclass
+class SearchStats:
+    """What the bounded search did. `comparisons` <= n * `bound_per_hash` always."""
+
+    num_keys: int = 0
+    agree: int = 0  # k: bands a key combines
+    comparisons: int = 0  # pHash comparisons (XOR + popcount)
+    color_comparisons: int = 0  # colour checks (one per pHash comparison within the threshold)
+    leader_rounds: int = 0  # largest number of leader rounds any long run took
+    long_runs: int = 0  # runs longer than SMALL_RUN (settled by leader rounds)
+    truncated_runs: int = 0  # long runs still above SMALL_RUN after LEADER_ROUNDS: tail compared by window
+    largest_run: int = 0
+
+    @property
+    def bound_per_hash(self) -> int:
+        return self.num_keys * BOUND_PER_KEY
+
+    def add(self, other: SearchStats) -> None:
+        for name in ("comparisons", "color_comparisons", "long_runs", "truncated_runs"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.leader_rounds = max(self.leader_rounds, other.leader_rounds)
+        self.largest_run = max(self.largest_run, other.largest_run)
+
+
+@dataclass
+class NearDuplicates:
+    """Result of the bounded search: confirmed edges (their components are the near-duplicate clusters)."""
+
+    edges: np.ndarray  # [m, 2] int64, i < j, unique: pHash within threshold and colour confirmed
+    color_rejected: int  # distinct pairs within the pHash threshold that the colour check refused
+    stats: SearchStats
+
+    def labels(self, num_items: int) -> np.ndarray:
+        """[num_items] int64 component labels, label = smallest member index."""
+        return cluster_labels(num_items, self.edges)
+
+
+class _EdgeSink:
+    """Edges found in one key (original indices), the colour-rejected pairs, and the counters."""
+
+    def __init__(self, hashes: np.ndarray, index: np.ndarray, threshold: int, colors: np.ndarray | None,
+                 color_rows: np.ndarray | None, tolerance: float | None, stats: SearchStats) -> None:
+        self.hashes = hashes  # [k] uint64, the key's members in sorted order
+        self.index = index  # [k] int64 original index of each
+        self.threshold = threshold
+        self.colors = colors  # [rows, 192] uint8 (not reordered: no copy), or None
+        self.color_rows = color_rows  # [k] int64: row of `colors` of each sorted member
+        self.tolerance = tolerance
+        self.stats = stats
+        self.edges: list[np.ndarray] = []
+        self.rejected: list[np.ndarray] = []
+
+    def compare(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Compare positions a[i] with b[i]; record confirmed edges and colour rejections; [len(a)] bool matched."""
+        self.stats.comparisons += int(a.size)
+        matched = np.bitwise_count(self.hashes[a] ^ self.hashes[b]) <= self.threshold
+        if self.colors is not None and self.tolerance is not None and matched.any():
+            close = np.flatnonzero(matched)
+            self.stats.color_comparisons += int(close.size)
+            assert self.color_rows is not None
+            ok = (color_distance(self.colors[self.color_rows[a[close]]], self.colors[self.color_rows[b[close]]])
+                  <= self.tolerance)
+            if not ok.all():
+                self.rejected.append(np.stack([self.index[a[close[~ok]]], self.index[b[close[~ok]]]], axis=1))
+                matched[close[~ok]] = False
+        if matched.any():
+            self.edges.append(np.stack([self.index[a[matched]], self.index[b[matched]]], axis=1))
+        return matched
+
+    def within_segments(self, positions: np.ndarray, segment: np.ndarray) -> None:
+        """Compare each of `positions` with its next SMALL_RUN - 1 neighbours in the same segment.
+
+        positions: [p] ascending positions; segment: [p] segment id of each (equal ids are contiguous). A segment
+        of at most SMALL_RUN members is thus compared all-pairs."""
+        p = positions.size
+        if p < 2:
+            return
+        starts = np.flatnonzero(np.concatenate(([True], segment[1:] != segment[:-1])))
+        lengths = np.diff(np.append(starts, p))
+        seg_end = np.repeat(starts + lengths, lengths)
+        active = np.flatnonzero(seg_end - np.arange(p) > 1)
+        offset = 1
+        while active.size and offset < SMALL_RUN:
+            self.compare(positions[active], positions[active + offset])
+            offset += 1
+            active = active[seg_end[active] > active + offset]
+
+
+def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Largest absolute difference between colour signatures, row-wise: a, b [k, 192] -> [k] int."""
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=-1)
+
+
+def _key_edges(hashes: np.ndarray, index: np.ndarray, key_values: np.ndarray, threshold: int,
+               colors: np.ndarray | None, color_rows: np.ndarray | None,
+               tolerance: float | None) -> tuple[list[np.ndarray], list[np.ndarray], SearchStats]:
+    """Edges of one key (or one partition of it) over the given members; see the module docstring.
+
+    hashes, index, key_values: [k] the members, their original indices, their key values; colors[color_rows[i]]
+    is member i's signature (color_rows None: row i)."""
+    stats = SearchStats()
+    order = np.argsort(key_values, kind="stable")
+    sorted_keys = key_values[order]
+    rows = None
+    if colors is not None:
+        rows = order if color_rows is None else color_rows[order]
+    sink = _EdgeSink(hashes[order], index[order], threshold, colors, rows, tolerance, stats)
+    k = order.size
+    if k < 2:
+        return [], [], stats
+    starts = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
+    lengths = np.diff(np.append(starts, k))
+    stats.largest_run = int(lengths.max())
+    run_of = np.repeat(np.arange(starts.size), lengths)  # [k] run id of each position
+    is_long = np.repeat(lengths > SMALL_RUN, lengths)
+    tails: list[np.ndarray] = [np.flatnonzero(~is_long)]  # positions finished by the all-pairs pass
+    remaining = np.flatnonzero(is_long)
+    stats.long_runs = int(np.count_nonzero(lengths > SMALL_RUN))
+    rounds = 0
+    while remaining.size and rounds < LEADER_ROUNDS:
+        rounds += 1
+        runs = run_of[remaining]
+        first = np.concatenate(([True], runs[1:] != runs[:-1]))  # each run's leader: its first unassigned member
+        leader_of = remaining[first][np.cumsum(first) - 1]
+        others = ~first
+        matched = sink.compare(leader_of[others], remaining[others])
+        remaining = remaining[others][~matched]
+        # Runs now down to SMALL_RUN members leave the rounds for the all-pairs pass.
+        runs = run_of[remaining]
+        run_starts = np.flatnonzero(np.concatenate(([True], runs[1:] != runs[:-1]))) if remaining.size else remaining
+        left = np.diff(np.append(run_starts, remaining.size))
+        done = np.repeat(left <= SMALL_RUN, left)
+        tails.append(remaining[done])
+        remaining = remaining[~done]
+    stats.leader_rounds = rounds
+    if remaining.size:
+        stats.truncated_runs = int(np.unique(run_of[remaining]).size)
+        tails.append(remaining)
+    tail = np.sort(np.concatenate(tails))
+    sink.within_segments(tail, run_of[tail])
+    return sink.edges, sink.rejected, stats
+
+
+def _merge_codes(found: list[np.ndarray]) -> np.ndarray:
+    """Unique [m, 2] int64 rows (i < j) of several edge lists."""
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    pairs = np.sort(np.concatenate(found).astype(np.int64, copy=False), axis=1)
+    return unique_pairs(pairs)
+
+
+def _check_colors(hashes: np.ndarray, colors: np.ndarray | None, color_rows: np.ndarray | None,
+                  tolerance: float | None) -> None:
+    if (colors is None) != (tolerance is None):
+        raise ValueError("colors and tolerance go together: give both or neither")
+    if colors is None:
+        return
+    rows = hashes.shape[0] if color_rows is None else int(color_rows.max(initial=-1)) + 1
+    if colors.ndim != 2 or colors.shape[0] < rows or colors.dtype != np.uint8:
+        raise ValueError(f"colors must be [>= {rows}, 192] uint8, got {colors.shape} {colors.dtype}")
+    if color_rows is not None and color_rows.shape != hashes.shape:
+        raise ValueError(f"color_rows must be [{hashes.shape[0]}], got {color_rows.shape}")
+
+
+def find_near_duplicates(hashes: Sequence[int] | np.ndarray, threshold: int, colors: np.ndarray | None = None,
+                         tolerance: float | None = None, progress: Callable[[int, int], None] | None = None,
+                         layout: SearchLayout | None = None, color_rows: np.ndarray | None = None) -> NearDuplicates:
+    """Near-duplicate edges with bounded work per hash (module docstring: bound and exactness).
+
+    hashes: [n] uint64; colors: optional [rows, 192] uint8 colour signatures with `tolerance` (largest absolute
+    difference) confirming each pHash match: hash i's is colors[color_rows[i]] (color_rows None: colors[i]), so a
+    subset of a pool is searched without copying its colours. `progress`: optional callable(done_keys, total_keys).
+    """
+    hashes = as_hash_array(hashes)
+    _check_colors(hashes, colors, color_rows, tolerance)
+    layout = layout or search_layout(hashes.size, threshold)
+    index = np.arange(hashes.size, dtype=np.int64)
+    stats = SearchStats(num_keys=layout.num_keys, agree=layout.agree)
+    edges: list[np.ndarray] = []
+    rejected: list[np.ndarray] = []
+    for done, mask in enumerate(layout.key_masks, start=1):
+        found, refused, key_stats = _key_edges(hashes, index, hashes & np.uint64(mask), threshold, colors,
+                                               color_rows, tolerance)
+        edges += found
+        rejected += refused
+        stats.add(key_stats)
+        if progress is not None:
+            progress(done, layout.num_keys)
+    return NearDuplicates(_merge_codes(edges), int(_merge_codes(rejected).shape[0]), stats)
+
+
+def _partition_edges(index: np.ndarray, hashes: np.ndarray, mask: int, threshold: int, colors: np.ndarray | None,
+                     tolerance: float | None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+    """One Dask task: the edges of one key over one partition's members (original indices in `index`)."""
+    found, refused, stats = _key_edges(hashes, index, hashes & np.uint64(mask), threshold, colors, None, tolerance)
+    return _merge_codes(found), _merge_codes(refused), stats
+
+
+def find_near_duplicates_dask(hashes: Sequence[int] | np.ndarray, threshold: int, client: Any,
+                              num_partitions: int = 8, colors: np.ndarray | None = None,
+                              tolerance: float | None = None, color_rows: np.ndarray | None = None) -> NearDuplicates:
+    """`find_near_duplicates` as (keys x num_partitions) Dask tasks, each given only its partition; same edges.
+
+    A run of equal key values lies in one partition, so every task sees whole runs and the edges equal the
+    in-process search's. Tasks are submitted one key at a time (the driver ships at most n hashes at once).
+    """
+    hashes = as_hash_array(hashes)
+    _check_colors(hashes, colors, color_rows, tolerance)
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    layout = search_layout(hashes.size, threshold)
+    stats = SearchStats(num_keys=layout.num_keys, agree=layout.agree)
+    edges: list[np.ndarray] = []
+    rejected: list[np.ndarray] = []
+    for mask in layout.key_masks:
+        part = _partition_of(hashes & np.uint64(mask), num_partitions)
+        futures = []
+        for p in range(num_partitions):
+            members = np.flatnonzero(part == np.uint64(p))
+            part_colors = None
+            if colors is not None:  # the partition's own signatures: a worker never holds the pool's
+                part_colors = colors[members if color_rows is None else color_rows[members]]
+            futures.append(client.submit(_partition_edges, members, hashes[members], mask, threshold, part_colors,
+                                         tolerance, pure=False))
+        for found, refused, part_stats in client.gather(futures):
+            edges.append(found)
+            rejected.append(refused)
+            stats.add(part_stats)
+    return NearDuplicates(_merge_codes(edges), int(_merge_codes(rejected).shape[0]), stats)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Train-vs-evaluation search
+
+
+def _cross_value_pairs(query: np.ndarray, reference: np.ndarray, threshold: int) -> np.ndarray:
+    """[m, 2] int64 unique (query row, reference row) within `threshold`, over distinct values on both sides."""
+    found: list[np.ndarray] = []
+    layout = search_layout(query.size + reference.size, threshold)
+    for mask in layout.key_masks:
+        ref_values = reference & np.uint64(mask)
         ref_order = np.argsort(ref_values, kind="stable")
         ref_sorted = ref_values[ref_order]
-        q_values = _band_values(query, shift, width)
+        q_values = query & np.uint64(mask)
         lo = np.searchsorted(ref_sorted, q_values, side="left")
         counts = np.searchsorted(ref_sorted, q_values, side="right") - lo
         candidates = np.flatnonzero(counts)
@@ -188,18 +528,50 @@ def find_cross_pairs(query: Sequence[int] | np.ndarray, reference: Sequence[int]
             q_idx = np.repeat(chunk, chunk_counts)
             within = np.arange(q_idx.size) - np.repeat(np.cumsum(chunk_counts) - chunk_counts, chunk_counts)
             r_idx = ref_order[np.repeat(lo[chunk], chunk_counts) + within]
-            distance = np.bitwise_count(query[q_idx] ^ reference[r_idx])
-            hit = distance <= threshold
-            found_q.append(q_idx[hit])
-            found_r.append(r_idx[hit])
+            hit = np.bitwise_count(query[q_idx] ^ reference[r_idx]) <= threshold
+            found.append(np.stack([q_idx[hit], r_idx[hit]], axis=1))
             start = stop
-    if not found_q:
+    return unique_pairs(np.concatenate(found).astype(np.int64)) if found else np.empty((0, 2), dtype=np.int64)
+
+
+def _members_by_value(inverse: np.ndarray, num_values: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices grouped by distinct value, start of each value's group [num_values + 1])."""
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(num_values + 1))
+    return order.astype(np.int64), bounds
+
+
+def find_cross_pairs(query: Sequence[int] | np.ndarray, reference: Sequence[int] | np.ndarray,
+                     threshold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (query index, reference index, distance) within `threshold`, via the same banded search.
+
+    Exact. The comparisons run over distinct hash values of each side (module docstring); the matches are then
+    expanded to every index holding those values. Returns three int64 arrays of equal length, sorted by
+    (query, reference).
+    """
+    query = as_hash_array(query)
+    reference = as_hash_array(reference)
+    empty = np.empty(0, dtype=np.int64)
+    if query.size == 0 or reference.size == 0:
         return empty, empty, empty
-    pairs = unique_pairs(np.stack([np.concatenate(found_q), np.concatenate(found_r)], axis=1).astype(np.int64))
-    if pairs.size == 0:
+    q_values, q_inverse = np.unique(query, return_inverse=True)
+    r_values, r_inverse = np.unique(reference, return_inverse=True)
+    value_pairs = _cross_value_pairs(q_values, r_values, threshold)
+    if value_pairs.size == 0:
         return empty, empty, empty
-    distance = np.bitwise_count(query[pairs[:, 0]] ^ reference[pairs[:, 1]]).astype(np.int64)
-    return pairs[:, 0], pairs[:, 1], distance
+    q_members, q_bounds = _members_by_value(q_inverse.reshape(-1), q_values.size)
+    r_members, r_bounds = _members_by_value(r_inverse.reshape(-1), r_values.size)
+    q_count = np.diff(q_bounds)[value_pairs[:, 0]]
+    r_count = np.diff(r_bounds)[value_pairs[:, 1]]
+    # Every (query member, reference member) of each matching value pair: a pair expands to q_count * r_count.
+    per_pair = q_count * r_count
+    pair_of = np.repeat(np.arange(value_pairs.shape[0]), per_pair)
+    within = np.arange(pair_of.size) - np.repeat(np.cumsum(per_pair) - per_pair, per_pair)
+    q_idx = q_members[q_bounds[value_pairs[pair_of, 0]] + within // r_count[pair_of]]
+    r_idx = r_members[r_bounds[value_pairs[pair_of, 1]] + within % r_count[pair_of]]
+    distance = np.bitwise_count(query[q_idx] ^ reference[r_idx]).astype(np.int64)
+    order = np.lexsort((r_idx, q_idx))
+    return q_idx[order], r_idx[order], distance[order]
 
 
 def brute_force_pairs(hashes: Sequence[int] | np.ndarray, threshold: int) -> np.ndarray:
@@ -214,30 +586,56 @@ def brute_force_pairs(hashes: Sequence[int] | np.ndarray, threshold: int) -> np.
     return unique_pairs(np.concatenate(found).astype(np.int64)) if found else np.empty((0, 2), dtype=np.int64)
 
 
+def brute_force_labels(hashes: Sequence[int] | np.ndarray, threshold: int, colors: np.ndarray | None = None,
+                       tolerance: float | None = None, block: int = 1024) -> np.ndarray:
+    """The O(n^2) reference for components: [n] labels (smallest member) of the graph with an edge for every pair
+    within `threshold` (and, with colours, within `tolerance`). Breadth-first: each reached hash is compared with
+    every unreached one, `block` rows at a time; no pair list is built. For tests and benchmarks."""
+    hashes = as_hash_array(hashes)
+    _check_colors(hashes, colors, None, tolerance)
+    labels = np.full(hashes.size, -1, dtype=np.int64)
+    for seed in range(hashes.size):
+        if labels[seed] >= 0:
+            continue
+        labels[seed] = seed
+        frontier = np.array([seed])
+        while frontier.size:
+            reached: list[np.ndarray] = []
+            unreached = np.flatnonzero(labels < 0)
+            for start in range(0, frontier.size, block):
+                rows = frontier[start:start + block]
+                f, u = np.nonzero(np.bitwise_count(hashes[rows][:, None] ^ hashes[unreached][None, :]) <= threshold)
+                if colors is not None and f.size:
+                    assert tolerance is not None
+                    u = u[color_distance(colors[rows[f]], colors[unreached[u]]) <= tolerance]
+                reached.append(unreached[u])
+            frontier = np.unique(np.concatenate(reached))
+            labels[frontier] = seed
+    return labels
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two [n] labelings group the items identically (whatever the label values)."""
+    def canonical(labels: np.ndarray) -> np.ndarray:
+        _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+        return first[inverse.reshape(-1)]
+    return a.shape == b.shape and bool(np.array_equal(canonical(a), canonical(b)))
+
+
 def cluster_labels(num_items: int, pairs: np.ndarray) -> np.ndarray:
-    """Connected components of the graph whose edges are `pairs` (union-find); [num_items] int64 labels.
+    """Connected components of the graph whose edges are `pairs`; [num_items] int64 labels.
 
     Label = the smallest index in the component, so the labelling is deterministic.
     """
-    parent = np.arange(num_items, dtype=np.int64)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(x: int) -> int:
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:  # path compression
-            parent[x], x = root, parent[x]
-        return root
-
-    for a, b in np.asarray(pairs, dtype=np.int64).reshape(-1, 2).tolist():
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            # Union by smaller index: the root is always the component's smallest member.
-            if ra < rb:
-                parent[rb] = ra
-            else:
-                parent[ra] = rb
-    labels = np.arange(num_items, dtype=np.int64)
-    touched = np.unique(np.asarray(pairs, dtype=np.int64))  # items in no pair are their own component
-    labels[touched] = [find(int(i)) for i in touched]
-    return labels
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if num_items == 0:
+        return np.empty(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(pairs.shape[0], dtype=np.int8), (pairs[:, 0], pairs[:, 1])),
+                       shape=(num_items, num_items))
+    _, component = connected_components(graph, directed=False)
+    # np.unique's return_index gives each component's first (= smallest) member.
+    _, first = np.unique(component, return_index=True)
+    return first[component].astype(np.int64)

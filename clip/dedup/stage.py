@@ -10,7 +10,7 @@ pool's stats.json for the synthetic image size), writes `keep.parquet`, `removed
 described in clip.dedup.dedup.
 
 Progress tasks: "reading raw shards", "hashing eval set <name>" (one per `dedup.eval_dirs` folder),
-"near-duplicate bands" (in-process search only).
+"near-duplicate bands" (in-process search only; one step per search key, clip.dedup.neardup).
 """
 
 from __future__ import annotations

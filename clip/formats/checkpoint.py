@@ -8,15 +8,26 @@ primitive types, loadable with `torch.load(..., weights_only=True)`:
   data_version; `mlflow_run_id`, the MLflow run a resume continues.
 A checkpoint is therefore self-contained: export and evaluation need nothing but its location. torch is imported
 only by the functions that need it, so reading names here stays light.
+
+Beside each checkpoint, its metadata sidecar `step-NNNNNNNN.meta.json` / `final.meta.json` (`meta_name`): a small
+JSON object with `META_KEYS` (step, samples_seen, data_state, data_version, mlflow_run_id, train_config,
+model_config) and the checkpoint's name, size and SHA-256, so choosing and checking a checkpoint to resume from
+needs no torch.load of hundreds of MiB. Written after its checkpoint (and removed before the checkpoint is
+overwritten or deleted), so a sidecar never names a checkpoint that is not complete; its size and SHA-256 tie
+it to the exact bytes it describes. Checkpoints without one (written before sidecars, or a crash between the two
+writes) are read whole instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import re
 from typing import Any
 
 from clip.formats.errors import FormatError
+from clip.formats.jsondoc import parse_format_doc
 
 STEP_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 FINAL_NAME = "final.pt"
@@ -25,6 +36,41 @@ MODEL_KEYS = ("model", "model_config", "tokenizer", "train_config")
 TRAINING_STATE_KEYS = ("optimizer", "scheduler", "step", "samples_seen", "data_state", "rng", "data_version")
 RUNS_DIR = "models/runs"  # where runs go when train.output is not set: one folder per (model, data version)
 MLFLOW_RUN_KEY = "mlflow_run_id"  # the MLflow run that trained it (None without tracking): a resume continues it
+
+
+META_SUFFIX = ".meta.json"
+META_FORMAT = "clip-pipeline/checkpoint-meta/v1"
+# What the sidecar repeats from its checkpoint: everything a resume checks or restores besides tensors.
+META_KEYS = ("step", "samples_seen", "data_state", "data_version", MLFLOW_RUN_KEY, "train_config", "model_config")
+
+
+def meta_name(checkpoint_name: str) -> str:
+    """The sidecar of `step-00000100.pt` is `step-00000100.meta.json` (of `final.pt`, `final.meta.json`)."""
+    stem = checkpoint_name[:-len(".pt")] if checkpoint_name.endswith(".pt") else checkpoint_name
+    return stem + META_SUFFIX
+
+
+def checkpoint_meta_bytes(checkpoint: dict[str, Any], raw: bytes, name: str) -> bytes:
+    """The sidecar of the checkpoint `name` whose serialised bytes are `raw` (keys it lacks are left out)."""
+    doc: dict[str, Any] = {"format": META_FORMAT, "checkpoint": name, "bytes": len(raw),
+                           "sha256": hashlib.sha256(raw).hexdigest()}
+    doc.update({key: checkpoint[key] for key in META_KEYS if key in checkpoint})
+    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
+
+
+def parse_checkpoint_meta(raw: bytes, uri: str) -> dict[str, Any]:
+    """A sidecar's fields: `checkpoint`, `bytes`, `sha256` and the META_KEYS it holds; FormatError naming `uri`."""
+    doc = parse_format_doc(raw, uri, META_FORMAT, "checkpoint metadata sidecar")
+    try:
+        doc["bytes"], doc["sha256"], doc["checkpoint"] = int(doc["bytes"]), str(doc["sha256"]), str(doc["checkpoint"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{uri}: not a valid checkpoint metadata sidecar ({exc!r})") from None
+    return doc
+
+
+def checkpoint_meta(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The META_KEYS of a loaded checkpoint: what a sidecar holds, for a checkpoint read whole."""
+    return {key: checkpoint[key] for key in META_KEYS if key in checkpoint}
 
 
 def default_run_location(model: str, data_version: str, runs_dir: str = RUNS_DIR) -> str:

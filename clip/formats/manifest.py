@@ -4,6 +4,7 @@ Layout of a shard output (`shard.output`, a folder or s3:// prefix; docs/formats
 
     <output>/latest.json                      the pointer: which version is current (moved atomically)
     <output>/<data_version>/shard-00000.tar   one folder per data version, never rewritten once published
+    <output>/<data_version>/index-00000.json  each shard's sample byte ranges and digests (shard_index.py)
     <output>/<data_version>/sizes.json
     <output>/<data_version>/manifest.json     written last in its folder
 
@@ -20,13 +21,16 @@ The manifest:
 
     {
       "format": "clip-pipeline/shards/v1",
-      "data_version": "<sha256 over the sorted (name, samples, bytes, sha256) of all shards>",
+      "data_version": "<sha256 over the sorted shard entries>",
       "total_samples": 4096,
-      "shards": [{"name": "shard-00000.tar", "samples": 1000, "bytes": 12345678, "sha256": "..."}]
+      "shards": [{"name": "shard-00000.tar", "samples": 1000, "bytes": 12345678, "sha256": "...",
+                  "index": "index-00000.json", "index_sha256": "..."}]
     }
 
-Shard names are relative to the manifest's own location. `data_version` is the sha256 of the UTF-8 lines
-`name\\tsamples\\tbytes\\tsha256\\n`, sorted by name, so the same shards always give the same version.
+Shard and index names are relative to the manifest's own location. `data_version` is the sha256 of the UTF-8
+lines `name\\tsamples\\tbytes\\tsha256\\n` (with an index: `name\\tsamples\\tbytes\\tsha256\\tindex\\tindex_sha256\\n`),
+sorted by name, so the same shards (and indexes) always give the same version. Versions published before
+shard indexes have entries without `index`: their data version is unchanged, and readers read their shards whole.
 `read_manifest` returns a typed `Manifest` whose data version has been recomputed and checked: a reader can
 rely on every field it reads.
 """
@@ -82,16 +86,29 @@ class ShardEntry:
     bytes: int
     sha256: str
     uri: str = ""  # the shard's full location, set when the manifest was read from somewhere
+    index: str = ""  # its shard index (clip/formats/shard_index.py), relative; "" in versions published without
+    index_sha256: str = ""
+    index_uri: str = ""  # the index's full location, set like `uri`
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+        doc: dict[str, Any] = {"name": self.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+        if self.index:
+            doc["index"], doc["index_sha256"] = self.index, self.index_sha256
+        return doc
+
+
+def _version_line(entry: dict[str, Any]) -> str:
+    line = f"{entry['name']}\t{int(entry['samples'])}\t{int(entry['bytes'])}\t{entry['sha256']}"
+    if entry.get("index"):
+        line += f"\t{entry['index']}\t{entry.get('index_sha256', '')}"
+    return line + "\n"
 
 
 def data_version(shards: list[ShardEntry] | list[dict[str, Any]]) -> str:
-    """SHA-256 over the sorted `name<TAB>samples<TAB>bytes<TAB>sha256<LF>` lines of all shards."""
+    """SHA-256 over the sorted `name<TAB>samples<TAB>bytes<TAB>sha256[<TAB>index<TAB>index_sha256]<LF>` lines
+    of all shards (the index fields only for entries that have an index)."""
     rows = [s.to_dict() if isinstance(s, ShardEntry) else s for s in shards]
-    lines = sorted(f"{s['name']}\t{int(s['samples'])}\t{int(s['bytes'])}\t{s['sha256']}\n" for s in rows)
-    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+    return hashlib.sha256("".join(sorted(_version_line(s) for s in rows)).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -137,6 +154,10 @@ def manifest_uri(location: str) -> str:
     return location if location.endswith(".json") else storage.join(location, MANIFEST_NAME)
 
 
+def _located(base: str, name: str) -> str:
+    return storage.join(base, name) if base else name
+
+
 def parse_manifest(raw: bytes, uri: str) -> Manifest:
     """Parse and check a manifest's bytes; FormatError naming `uri` and what is wrong."""
     doc = parse_json(raw, uri)
@@ -148,7 +169,9 @@ def parse_manifest(raw: bytes, uri: str) -> Manifest:
     try:
         shards = tuple(
             ShardEntry(name=str(s["name"]), samples=int(s["samples"]), bytes=int(s.get("bytes", 0)),
-                       sha256=str(s.get("sha256", "")), uri=storage.join(base, str(s["name"])) if base else str(s["name"]))
+                       sha256=str(s.get("sha256", "")), uri=_located(base, str(s["name"])),
+                       index=str(s.get("index") or ""), index_sha256=str(s.get("index_sha256") or ""),
+                       index_uri=_located(base, str(s["index"])) if s.get("index") else "")
             for s in doc["shards"]
         )
         version = str(doc.get("data_version", ""))
@@ -161,6 +184,9 @@ def parse_manifest(raw: bytes, uri: str) -> Manifest:
         raise FormatError(f"{uri}: total_samples {total} != the sum over its shards {sum(s.samples for s in shards)}")
     if version and all(s.sha256 for s in shards) and version != data_version(list(shards)):
         raise FormatError(f"{uri}: data_version {version} does not match its shard list (edited or corrupt)")
+    unhashed = [s.name for s in shards if s.index and not s.index_sha256]
+    if unhashed:
+        raise FormatError(f"{uri}: shard {unhashed[0]} names an index without its index_sha256")
     return Manifest(data_version=version, total_samples=total, shards=shards, uri=uri,
                     published_at=str(doc.get("published_at", "")))
 

@@ -7,18 +7,25 @@ Under `collect.output_dir` (a local folder or s3://bucket/prefix):
     candidates.parquet, query_counts.json, stats.json
 
 Each sample's `{key}.json` carries the sha256 of the JPEG bytes as stored, the 64-bit pHash as 16 hex digits, the
-image size and the caption: everything dedup needs, so dedup never decodes an image to find duplicates. A reader
-can rely on a raw shard being complete (it is visible under its final name only once written).
+colour signature (8 x 8 RGB box-averaged thumbnail, 192 bytes, base64), the image size and the caption: everything
+dedup needs, so dedup never decodes an image. Pools written before the colour field existed lack it; readers
+get None for it (`parse_sample_json`) and dedup then decodes those images once. A reader can rely on a raw shard
+being complete (it is visible under its final name only once written).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image
 
 from clip import storage
 from clip.config import StorageConfig
@@ -44,8 +51,36 @@ STATS_NAME = "stats.json"
 SYNTHETIC_IMAGE_SIZE_FIELD = "synthetic_image_size"
 DEFAULT_SYNTHETIC_IMAGE_SIZE = 64  # a pool without stats.json (not written by collect): the generator's default
 SAMPLE_MEMBERS = ("jpg", "json", "txt")  # what a raw sample carries, in the order written (sorted)
-SAMPLE_JSON_FIELDS = ("key", "url", "caption", "query", "source", "width", "height", "sha256", "phash")
+SAMPLE_JSON_FIELDS = ("key", "url", "caption", "query", "source", "width", "height", "sha256", "phash", "color")
 _REQUIRED_JSON_FIELDS = ("sha256", "phash", "width", "height")
+COLOR_FIELD = "color"  # optional in pools written before it existed
+COLOR_SIDE = 8
+COLOR_LENGTH = COLOR_SIDE * COLOR_SIDE * 3  # 192 bytes: R, G, B of each cell, row-major
+
+
+def color_signature(image: Image.Image) -> np.ndarray:
+    """[192] uint8: the image box-averaged to 8 x 8 RGB (the `color` field of a raw sample, decoded)."""
+    thumb = image.convert("RGB").resize((COLOR_SIDE, COLOR_SIDE), Image.Resampling.BOX)
+    return np.asarray(thumb, dtype=np.uint8).reshape(-1)
+
+
+def encode_color(signature: np.ndarray) -> str:
+    """The `color` field: base64 (standard alphabet, padded) of the 192 signature bytes."""
+    signature = np.asarray(signature)
+    if signature.shape != (COLOR_LENGTH,) or signature.dtype != np.uint8:
+        raise ValueError(f"a colour signature is [{COLOR_LENGTH}] uint8, got {signature.shape} {signature.dtype}")
+    return base64.b64encode(signature.tobytes()).decode("ascii")
+
+
+def decode_color(value: Any, where: str) -> bytes:
+    """The 192 signature bytes of a `color` field; FormatError naming `where` when it is not that."""
+    try:
+        raw = base64.b64decode(str(value), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise FormatError(f"{where}: bad {COLOR_FIELD} field (base64 of {COLOR_LENGTH} bytes): {exc}") from None
+    if len(raw) != COLOR_LENGTH:
+        raise FormatError(f"{where}: {COLOR_FIELD} field holds {len(raw)} bytes, expected {COLOR_LENGTH}")
+    return raw
 
 
 def raw_shard_name(index: int) -> str:
@@ -91,7 +126,10 @@ def write_raw_shard(stream: BinaryIO, samples: list[RawSample]) -> int:
 
 
 def parse_sample_json(raw: bytes, shard: str, key: str) -> dict[str, Any]:
-    """A raw sample's `{key}.json`, checked for the fields dedup relies on; `phash_int` holds the pHash as int."""
+    """A raw sample's `{key}.json`, checked for the fields dedup relies on.
+
+    Adds `phash_int` (the pHash as int) and `color_bytes` (the 192 colour signature bytes, None when the sample
+    predates the `color` field)."""
     try:
         meta = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -105,6 +143,8 @@ def parse_sample_json(raw: bytes, shard: str, key: str) -> dict[str, Any]:
         meta["phash_int"] = hex_to_int(str(meta["phash"]))
     except ValueError as exc:
         raise FormatError(f"raw shard {shard}: {key}.json has a bad phash: {exc}") from None
+    color = meta.get(COLOR_FIELD)
+    meta["color_bytes"] = None if color is None else decode_color(color, f"raw shard {shard}: {key}.json")
     return meta
 
 

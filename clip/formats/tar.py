@@ -11,7 +11,10 @@ Writing (`DeterministicTarWriter`): every header carries the same fixed metadata
 empty owner names), members are written in the order given, and the archive ends the way GNU tar and Python's
 tarfile end one (two zero blocks, then zero padding to a whole 10 KiB record). The same samples in the same order
 therefore give the same bytes, and the same SHA-256, on every run and machine. The exact size of an archive is
-known before it is written (`member_bytes`, `archive_bytes`), which is how shards are cut at a byte budget.
+known before it is written (`member_bytes`, `archive_bytes`), which is how shards are cut at a byte budget. The
+writer can also record each sample's byte range and its SHA-256 as it writes (`index_samples=True`, then `spans`:
+the ranges tile the archive, the end blocks belong to the last sample), which is what a shard index holds
+(clip/formats/shard_index.py).
 
 `index_tar_members` lists (name, data offset, size) of a local, seekable tar from its headers alone, so a
 member can later be copied with one `pread`.
@@ -27,6 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
+
+from clip.formats.shard_index import SampleSpan
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # archives are padded to a whole record
@@ -249,24 +254,41 @@ class DeterministicTarWriter:
         writer = DeterministicTarWriter(f)
         writer.add("000000042.jpg", jpeg_bytes)
         writer.close()            # writes the end blocks; f stays open
-        writer.sha256, writer.bytes_written
+        writer.sha256, writer.bytes_written   # and writer.spans when built with index_samples=True
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, index_samples: bool = False) -> None:
         self._stream = stream
+        self._index_samples = index_samples  # record `spans` (one more SHA-256 pass over what is written)
         self._hash = hashlib.sha256()
         self.bytes_written = 0
         self.members = 0
         self._closed = False
+        self.spans: list[SampleSpan] = []  # with index_samples: one per sample, in tar order; complete after close()
+        self._span_key = ""
+        self._span_start = 0
+        self._span_hash: hashlib._Hash | None = None  # the sample being written
 
     def _emit(self, data: bytes | memoryview) -> None:
         self._stream.write(data)
         self._hash.update(data)
         self.bytes_written += len(data)
+        if self._span_hash is not None:
+            self._span_hash.update(data)
+
+    def _end_span(self) -> None:
+        if self._span_hash is not None:
+            self.spans.append(SampleSpan(self._span_key, self._span_start, self.bytes_written,
+                                         self._span_hash.hexdigest()))
+            self._span_hash = None
 
     def add(self, name: str, data: bytes | memoryview) -> None:
         if self._closed:
             raise ValueError("tar writer is closed")
+        key = split_member_name(name)[0]
+        if self._index_samples and (self._span_hash is None or (is_sample_member(name) and key != self._span_key)):
+            self._end_span()  # a new sample starts here (members the reader ignores stay with the one before)
+            self._span_key, self._span_start, self._span_hash = key, self.bytes_written, hashlib.sha256()
         header = _header(name, len(data))
         if len(header) != BLOCK:
             raise ValueError(f"tar member name {name!r} needs an extended header; use short ASCII keys")
@@ -286,7 +308,8 @@ class DeterministicTarWriter:
         if self._closed:
             return
         end = archive_bytes(self.bytes_written) - self.bytes_written
-        self._emit(b"\0" * end)
+        self._emit(b"\0" * end)  # the end blocks and padding: part of the last sample's range
+        self._end_span()
         self._closed = True
 
     @property

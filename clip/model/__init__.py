@@ -2,7 +2,7 @@
 
     from clip.model import create_model, list_models
     model = create_model("tiny-vit", vocab_size=4096)
-    out = model(images, tokens)  # CLIPOutput(image_features, text_features, logit_scale)
+    out = model(images, tokens)  # CLIPOutput(image_features, text_features, logit_scale[, logit_bias])
 
 Single-device model code: imports torch, nothing of training.
 """

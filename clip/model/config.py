@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial log temperature multiplier: scale 1 / 0.07
 
 
 class ModelConfigError(ValueError):
@@ -53,6 +56,10 @@ class CLIPConfig:
     text: TextConfig = field(default_factory=TextConfig)
     quick_gelu: bool = False  # x * sigmoid(1.702 x), what OpenAI's released weights were trained with
     name: str = "custom"
+    init_logit_scale: float = LOGIT_SCALE_INIT  # initial value of the `logit_scale` parameter (a log)
+    # None: no bias parameter (CLIP's softmax loss). A number adds a learned scalar `logit_bias` with that initial
+    # value, the b of SigLIP's sigmoid loss (clip/sigmoid_loss.py); it adds a key to the state dict.
+    init_logit_bias: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.vision.layers, list):
@@ -101,6 +108,12 @@ class CLIPConfig:
                 )
         if t.width % t.heads:
             raise ModelConfigError(f"text.width ({t.width}) is not a multiple of text.heads ({t.heads})")
+        scalars = [("init_logit_scale", self.init_logit_scale)]
+        if self.init_logit_bias is not None:
+            scalars.append(("init_logit_bias", self.init_logit_bias))
+        for key, value in scalars:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ModelConfigError(f"{key} must be a finite number, got {value!r}")
         for key, value in (
             ("embed_dim", self.embed_dim),
             ("text.vocab_size", t.vocab_size),

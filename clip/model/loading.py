@@ -143,8 +143,10 @@ def config_from_state_dict(state_dict: dict[str, Any], quick_gelu: bool = True) 
         embed_dim = sd["text_projection"].shape[1]
     except KeyError as exc:
         raise StateDictMismatchError(f"not a CLIP state dict in OpenAI's layout: no key {exc}") from None
+    bias = sd.get("logit_bias")  # a SigLIP-trained model carries its learned bias
     return CLIPConfig(
-        embed_dim=embed_dim, vision=vision, text=text, quick_gelu=quick_gelu, name="from-weights"
+        embed_dim=embed_dim, vision=vision, text=text, quick_gelu=quick_gelu, name="from-weights",
+        init_logit_bias=float(bias) if bias is not None else None,
     )
 
 

@@ -6,12 +6,12 @@
     emb = model.encode_image(images, normalize=True)  # unit vectors (default: raw, as OpenAI/open_clip)
 
 State dict layout = OpenAI's released weights (`visual.*`, `token_embedding.weight`, `positional_embedding`,
-`transformer.resblocks.*`, `ln_final.*`, `text_projection`, `logit_scale`).
+`transformer.resblocks.*`, `ln_final.*`, `text_projection`, `logit_scale`), plus `logit_bias` only when the
+config sets `init_logit_bias` (SigLIP's learned bias, clip/sigmoid_loss.py).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,6 @@ from clip.model.config import CLIPConfig, get_config
 from clip.model.transformer import Transformer
 from clip.model.vision import ModifiedResNet, VisionTransformer
 
-LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = 100.0
 
 
@@ -32,6 +31,7 @@ class CLIPOutput:
     image_features: torch.Tensor  # [N, embed_dim], unit norm
     text_features: torch.Tensor  # [N, embed_dim], unit norm
     logit_scale: torch.Tensor  # scalar: exp(log scale), clamped at 100
+    logit_bias: torch.Tensor | None = None  # scalar, SigLIP's learned b; None when the config has no init_logit_bias
 
 
 class CLIP(nn.Module):
@@ -51,10 +51,18 @@ class CLIP(nn.Module):
         self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio, config.quick_gelu)
         self.ln_final = nn.LayerNorm(t.width)
         self.text_projection = nn.Parameter(torch.empty(t.width, config.embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self.logit_bias: nn.Parameter | None
+        if config.init_logit_bias is None:
+            self.register_parameter("logit_bias", None)  # no state-dict key: CLIP checkpoints stay as they are
+        else:
+            self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
         # Run the text encoder only up to the last end-of-text token of the batch (rounded up to 8).
         # Exact: attention is causal, so positions after a sequence's end-of-text never reach its pooled row.
         self.trim_text_padding = True
+        # Set by a trainer whose tokens were range-checked and trimmed on the host (clip.train.step): encode_text
+        # then skips its own check and trim, the one host sync of an eager forward.
+        self.tokens_checked = False
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -64,7 +72,9 @@ class CLIP(nn.Module):
         self.transformer.init_weights()
         nn.init.normal_(self.text_projection, std=width**-0.5)
         with torch.no_grad():
-            self.logit_scale.fill_(LOGIT_SCALE_INIT)
+            self.logit_scale.fill_(self.config.init_logit_scale)
+            if self.logit_bias is not None:
+                self.logit_bias.fill_(self.config.init_logit_bias)
 
     # ------------------------------------------------------------------------------------------------
     # options that change speed / memory, never results
@@ -126,10 +136,14 @@ class CLIP(nn.Module):
         Unnormalised by default, as OpenAI's CLIP and open_clip; `normalize=True` gives unit vectors.
 
         The end-of-text token has the highest id, so its position is `tokens.argmax(-1)` (OpenAI's rule).
+
+        A model whose `tokens_checked` attribute is True (the trainer sets it: clip.train.step.device_inputs checks
+        the id range and trims the padding on the host, before the transfer) skips both here, so no host sync.
         """
         self._check_tokens(tokens)
         eot = tokens.argmax(dim=-1)  # [N]
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        checked = getattr(self, "tokens_checked", False)
+        if not (checked or torch.compiler.is_compiling() or torch.jit.is_tracing()):
             # Eager only (compiled / exported graphs stay static, full length). One host sync gives the
             # id range check and the trim length.
             max_id, min_id, last_eot = torch.stack(
@@ -151,6 +165,7 @@ class CLIP(nn.Module):
             image_features=self.encode_image(images, normalize=True),
             text_features=self.encode_text(tokens, normalize=True),
             logit_scale=self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX),
+            logit_bias=self.logit_bias,
         )
 
 

@@ -2,7 +2,8 @@
 
     from clip.shards import stage
     result = stage.run(cfg.shard, storage=cfg.storage, compute=cfg.compute, progress=progress)
-    # <output>/<data_version>/shard-00000.tar ..., sizes.json, manifest.json (last), then <output>/latest.json
+    # <output>/<data_version>/shard-00000.tar, index-00000.json ..., sizes.json, manifest.json (last), then
+    # <output>/latest.json
     # result: ShardResult (metrics, outputs, data_version)
 
 Modules: stage (`run`: keep-list -> shards -> published version), writer (indexing raw members, planning and

@@ -3,14 +3,16 @@
 A reader that resolved `latest.json` to a version folder can trust every byte in it for as long as it reads:
 nothing here ever deletes or overwrites an object of another version, and a version folder is complete before
 the pointer names it. The order:
-1. the shards of the new version, each verified where it lies (listed size and stored SHA-256 against what was
-   written), then `sizes.json`, then `manifest.json` last in the version folder;
+1. the shards of the new version and their indexes (`index-00000.json` beside `shard-00000.tar`: each sample's
+   byte range and SHA-256, clip/formats/shard_index.py), each verified where it lies (listed size and stored
+   SHA-256 against what was written), then `sizes.json`, then `manifest.json` last in the version folder;
    - local output: the tars are written into a hidden staging folder inside the output (`.publishing`), the
      sizes and manifest beside them, and the folder is renamed to `<data_version>` in one step;
    - S3 output: the data version is a hash of the shards' hashes, so it is learnt first by a hashing pass
      that writes nothing (`hash_shard`); then each shard is written to a local temp file, uploaded and deleted
      (`clip.storage.write_stream` spooling into `shard.staging_dir`), at most `upload_workers` at once, so
-     local disk stays bounded whatever the data size. Uploads are idempotent: an object already there with the
+     local disk stays bounded whatever the data size; its index (built while the shard is streamed, checked
+     against the hashing pass) follows it in one PUT. Uploads are idempotent: an object already there with the
      same size and stored SHA-256 (a previous, interrupted attempt) is not sent again;
 2. the pointer `latest.json` is moved to the version (one atomic write) unless it already names it.
 Publishing a version that is already there (same data version, manifest present) re-verifies its shards and
@@ -20,6 +22,7 @@ output at a time.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -42,7 +45,16 @@ from clip.formats.manifest import (
     version_location,
     write_pointer,
 )
-from clip.shards.writer import RawIndex, ShardFile, ShardPlan, stream_shard, write_shards
+from clip.formats.tar import DeterministicTarWriter
+from clip.shards.writer import (
+    RawIndex,
+    ShardFile,
+    ShardPlan,
+    shard_index_bytes,
+    shard_index_of,
+    stream_shard,
+    write_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +68,8 @@ class PublishError(RuntimeError):
 
 
 def build_manifest(shards: list[ShardFile], published_at: str = "") -> Manifest:
-    manifest = Manifest.build([ShardEntry(s.name, s.samples, s.bytes, s.sha256) for s in shards])
+    manifest = Manifest.build([ShardEntry(s.name, s.samples, s.bytes, s.sha256, index=s.index,
+                                          index_sha256=s.index_sha256) for s in shards])
     return replace(manifest, published_at=published_at)
 
 
@@ -89,10 +102,20 @@ def existing_manifest(location: str, storage_cfg: StorageConfig | None) -> Manif
 
 
 def verify_version(manifest: Manifest, location: str, storage_cfg: StorageConfig | None) -> None:
-    """Every shard of `manifest` lies in `location` with its listed size and stored SHA-256."""
+    """Every shard of `manifest` lies in `location` with its listed size and stored SHA-256, and so does every
+    shard index it names (SHA-256 stored, or computed from its bytes when none is stored)."""
     store = storage.get_storage(location, storage_cfg)
     listed = {info.uri: info.size for info in store.list(location)}
     for shard in manifest.shards:
+        if shard.index:
+            uri = storage.join(location, shard.index)
+            if uri not in listed:
+                raise PublishError(f"{uri}: the index of {shard.name} is missing; no manifest written, pointer "
+                                   "not moved")
+            stored = store.sha256(uri) or hashlib.sha256(store.read_bytes(uri)).hexdigest()
+            if stored != shard.index_sha256:
+                raise PublishError(f"{uri}: sha256 {stored} != manifest {shard.index_sha256}; no manifest written, "
+                                   "pointer not moved")
         uri = storage.join(location, shard.name)
         if listed.get(uri) != shard.bytes:
             raise PublishError(f"{uri}: listed size {listed.get(uri)} != manifest {shard.bytes}; no manifest "
@@ -174,19 +197,31 @@ def publish_remote(plans: list[ShardPlan], index: RawIndex, output: str, staging
     on_disk = [0, 0]  # [now, peak] shard files being spooled
 
     def put(plan: ShardPlan) -> bool:
+        """Send the shard, then its index; False when an earlier, interrupted attempt sent both."""
         uri = storage.join(location, plan.name)
         want = expected[plan.name]
+        index_uri = storage.join(location, want.index)
+        index_there = index_uri in listed and store.sha256(index_uri) == want.index_sha256
         if listed.get(uri) == want.bytes and store.sha256(uri) == want.sha256:
-            return False  # an earlier, interrupted attempt sent it
-        with lock:
-            on_disk[0] += 1
-            on_disk[1] = max(on_disk[1], on_disk[0])
-        try:
-            storage.write_stream(uri, lambda handle: stream_shard(plan, index, handle), storage_cfg,
-                                 spool_dir=staging_dir)
-        finally:
+            if index_there:
+                return False
+            index_bytes = shard_index_bytes(plan, index)  # the shard is there: rebuild its index only (no disk)
+        else:
             with lock:
-                on_disk[0] -= 1
+                on_disk[0] += 1
+                on_disk[1] = max(on_disk[1], on_disk[0])
+            writers: list[DeterministicTarWriter] = []
+            try:
+                storage.write_stream(uri, lambda handle: writers.append(stream_shard(plan, index, handle)),
+                                     storage_cfg, spool_dir=staging_dir)
+            finally:
+                with lock:
+                    on_disk[0] -= 1
+            index_bytes = shard_index_of(plan, writers[-1]).to_bytes()
+        if hashlib.sha256(index_bytes).hexdigest() != want.index_sha256:  # deterministic: the hashing pass agrees
+            raise PublishError(f"{index_uri}: rebuilt index differs from the hashing pass's")
+        if not index_there:
+            storage.write_bytes(index_uri, index_bytes, storage_cfg)
         return True
 
     uploaded = skipped = 0

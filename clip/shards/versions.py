@@ -10,7 +10,8 @@ A version is kept when any of these holds, and removed otherwise:
 - a run under `runs_dir` (default `models/runs`, one sub-folder per run) names it. A run names a version by its
   folder name when that ends in `-<data_version[:12]>` (the default run location,
   `models/runs/<model>-<data_version[:12]>/`), and otherwise by the `data_version` of its newest checkpoint
-  (`final.pt`, else the highest `step-*.pt`, read through clip.formats.checkpoint). A run whose folder holds
+  (`final.pt`, else the highest `step-*.pt`: its metadata sidecar when it has one that matches its size, else
+  the checkpoint itself, read through clip.formats.checkpoint). A run whose folder holds
   no checkpoint yet and has another name (a custom `train.output` under `runs_dir` that has just started) is
   not seen: prune while no such run is starting, or keep enough versions;
 - its folder has no manifest (an interrupted or running publish): it is listed as incomplete and never removed.
@@ -26,7 +27,15 @@ from dataclasses import dataclass, field
 
 from clip import storage
 from clip.config import StorageConfig
-from clip.formats.checkpoint import FINAL_NAME, RUNS_DIR, parse_checkpoint, parse_step
+from clip.formats.checkpoint import (
+    FINAL_NAME,
+    RUNS_DIR,
+    meta_name,
+    parse_checkpoint,
+    parse_checkpoint_meta,
+    parse_step,
+)
+from clip.formats.errors import FormatError
 from clip.formats.manifest import MANIFEST_NAME, is_data_version, read_pointer, version_location
 from clip.shards.publish import existing_manifest
 
@@ -77,12 +86,28 @@ def list_versions(root: str, storage_cfg: StorageConfig | None = None) -> list[D
     return sorted(found, key=lambda v: (v.published_at, v.data_version))
 
 
-def _newest_checkpoint(objects: list[storage.ObjectInfo]) -> str | None:
-    by_name = {storage.basename(o.uri): o.uri for o in objects}
+def _newest_checkpoint(objects: list[storage.ObjectInfo]) -> storage.ObjectInfo | None:
+    by_name = {storage.basename(o.uri): o for o in objects}
     if FINAL_NAME in by_name:
         return by_name[FINAL_NAME]
-    steps = [(parse_step(name), uri) for name, uri in by_name.items() if parse_step(name) is not None]
-    return max(steps)[1] if steps else None
+    steps = [(step, name) for name in by_name if (step := parse_step(name)) is not None]
+    return by_name[max(steps)[1]] if steps else None
+
+
+def _checkpoint_data_version(newest: storage.ObjectInfo, objects: list[storage.ObjectInfo],
+                             storage_cfg: StorageConfig | None) -> str:
+    """The data version a checkpoint names: from its sidecar when one describes it (no torch.load), else from
+    the checkpoint read whole."""
+    name = storage.basename(newest.uri)
+    sidecar = next((o.uri for o in objects if storage.basename(o.uri) == meta_name(name)), None)
+    if sidecar is not None:
+        try:
+            meta = parse_checkpoint_meta(storage.read_bytes(sidecar, storage_cfg), sidecar)
+        except FormatError:
+            meta = None
+        if meta is not None and meta["checkpoint"] == name and meta["bytes"] == newest.size:
+            return str(meta.get("data_version"))
+    return str(parse_checkpoint(storage.read_bytes(newest.uri, storage_cfg), newest.uri).get("data_version"))
 
 
 def versions_named_by_runs(runs_dir: str, versions: list[str],
@@ -97,8 +122,7 @@ def versions_named_by_runs(runs_dir: str, versions: list[str],
         if not matches:
             newest = _newest_checkpoint(objects)
             if newest is not None:
-                checkpoint = parse_checkpoint(storage.read_bytes(newest, storage_cfg), newest)
-                matches = [str(checkpoint.get("data_version"))]
+                matches = [_checkpoint_data_version(newest, objects, storage_cfg)]
         for version in matches:
             named.setdefault(version, []).append(storage.join(runs_dir, run))
     return named

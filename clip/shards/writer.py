@@ -7,9 +7,11 @@
 2. `plan_shards`: the kept keys in a deterministic shuffled order (seeded permutation of the sorted keys, so
    samples from all sources and raw shards mix), cut into shards at `samples_per_shard` samples or
    `max_shard_bytes` bytes, whichever comes first (exact sizes are known from the index).
-3. `stream_shard`: copies each sample's members by offset into a byte-deterministic tar on any binary stream;
-   `write_shard` puts it in a local file (temp name, then rename), `hash_shard` only hashes it (no disk), which
-   is how the S3 publisher learns the data version before anything is uploaded.
+3. `stream_shard`: copies each sample's members by offset into a byte-deterministic tar on any binary stream,
+   recording each sample's byte range and SHA-256 on the way (the shard's index, clip/formats/shard_index.py);
+   `write_shard` puts the tar in a local file (temp name, then rename) and its index beside it (same way),
+   `hash_shard` only hashes both (no disk), which is how the S3 publisher learns the data version before
+   anything is uploaded.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from clip.formats.dedup import KEEP_NAME
 from clip.formats.errors import MissingInputError, StaleInputError
 from clip.formats.manifest import shard_name
 from clip.formats.raw import SAMPLE_MEMBERS, sample_json_sha256
+from clip.formats.shard_index import ShardIndex, index_name
 from clip.formats.tar import (
     DeterministicTarWriter,
     archive_bytes,
@@ -74,6 +77,8 @@ class ShardFile:
     samples: int
     bytes: int
     sha256: str
+    index: str = ""  # its index's name (beside `path` when written locally)
+    index_sha256: str = ""
 
 
 def stale_keep_error(problems: dict[str, str], total: int, keep_path: str, input_dir: str) -> StaleInputError:
@@ -185,7 +190,7 @@ def stream_shard(plan: ShardPlan, index: RawIndex, out: BinaryIO) -> Determinist
     """Write one planned shard's tar bytes to `out`; returns the closed writer (its sha256 and bytes_written)."""
     handles: dict[int, int] = {}  # raw shard index -> OS file descriptor (pread: no shared file position)
     try:
-        writer = DeterministicTarWriter(out)
+        writer = DeterministicTarWriter(out, index_samples=True)
         for key in plan.keys:
             location = index.samples[key]
             fd = handles.get(location.raw_shard)
@@ -205,26 +210,50 @@ def stream_shard(plan: ShardPlan, index: RawIndex, out: BinaryIO) -> Determinist
     return writer
 
 
+def shard_index_of(plan: ShardPlan, writer: DeterministicTarWriter) -> ShardIndex:
+    """The index of a shard just written by `writer` (closed)."""
+    return ShardIndex(shard=plan.name, bytes=writer.bytes_written, sha256=writer.sha256, samples=tuple(writer.spans))
+
+
+def shard_index_bytes(plan: ShardPlan, index: RawIndex) -> bytes:
+    """A planned shard's index document, rebuilt by streaming the shard to nowhere (nothing is kept)."""
+    return shard_index_of(plan, stream_shard(plan, index, _NullSink())).to_bytes()  # type: ignore[arg-type]
+
+
 def hash_shard(plan: ShardPlan, index: RawIndex) -> ShardFile:
-    """The size and sha256 a planned shard will have, without writing it anywhere (`path` is empty)."""
+    """The size and sha256 a planned shard and its index will have, without writing them anywhere (`path` is
+    empty)."""
     writer = stream_shard(plan, index, _NullSink())  # type: ignore[arg-type]
-    return ShardFile(plan.name, Path(), len(plan.keys), writer.bytes_written, writer.sha256)
+    shard_index = shard_index_of(plan, writer)
+    return ShardFile(plan.name, Path(), len(plan.keys), writer.bytes_written, writer.sha256,
+                     index_name(plan.name), shard_index.sha256_of_bytes())
 
 
-def write_shard(plan: ShardPlan, index: RawIndex, dest: Path, temp_suffix: str = ".tmp-writing") -> ShardFile:
-    """Write one planned shard to `dest` (through a temp name in the same folder, renamed when complete)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+def _write_file(dest: Path, fill: Callable[[BinaryIO], object], temp_suffix: str) -> None:
+    """`dest` through a temp name in the same folder, fsynced, renamed when complete."""
     tmp = dest.with_name(f".{dest.name}{temp_suffix}")
     try:
         with open(tmp, "wb") as out:
-            writer = stream_shard(plan, index, out)
+            fill(out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return ShardFile(plan.name, dest, len(plan.keys), writer.bytes_written, writer.sha256)
+
+
+def write_shard(plan: ShardPlan, index: RawIndex, dest: Path, temp_suffix: str = ".tmp-writing") -> ShardFile:
+    """Write one planned shard to `dest`, then its index beside it (each through a temp name in the same folder,
+    renamed when complete)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    written: list[DeterministicTarWriter] = []
+    _write_file(dest, lambda out: written.append(stream_shard(plan, index, out)), temp_suffix)
+    shard_index = shard_index_of(plan, written[0])
+    index_bytes = shard_index.to_bytes()
+    _write_file(dest.with_name(index_name(plan.name)), lambda out: out.write(index_bytes), temp_suffix)
+    return ShardFile(plan.name, dest, len(plan.keys), written[0].bytes_written, written[0].sha256,
+                     index_name(plan.name), shard_index.sha256_of_bytes())
 
 
 def write_shards(plans: list[ShardPlan], index: RawIndex, dest_for: Callable[[str], Path] | None, workers: int = 2,

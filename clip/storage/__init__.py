@@ -17,7 +17,8 @@ Guarantees (both backends):
 - **Integrity.** A single PUT and every part carry `Content-MD5`, so a body corrupted on the way is refused by
   S3 / MinIO / Ceph (BadDigest) and sent again; the returned ETag is also compared with the MD5 (for servers
   that do not check, e.g. moto), a mismatch is re-sent and, if it persists, the damaged object is removed.
-  Reads check the stored SHA-256 once the whole object was read.
+  Reads check the stored SHA-256 once the whole object was read; a ranged read (`open_read(uri, start=,
+  end=)`: a local seek, an S3 Range GET) cannot, and its caller verifies what it reads (shard indexes).
 - **Retries are ours.** botocore's own retries are off (`total_max_attempts=1`); each request (each part,
   each HEAD/GET/PUT, each resumed read) is retried here on throttling (SlowDown, 429, 503), other 5xx and
   connection errors (refused, reset, dropped mid-body, read timeouts, truncated bodies), up to
@@ -120,9 +121,11 @@ def download_file(uri: str, local_path: str | Path, cfg: StorageConfig | None = 
     get_storage(uri, cfg).download_file(uri, local_path)
 
 
-def open_read(uri: str, cfg: StorageConfig | None = None) -> BinaryIO:
-    """A streaming binary reader over a local file or an S3 object (use as a context manager)."""
-    return get_storage(uri, cfg).open_read(uri)
+def open_read(uri: str, cfg: StorageConfig | None = None, *, start: int = 0, end: int | None = None) -> BinaryIO:
+    """A streaming binary reader over a local file or an S3 object (use as a context manager), of its bytes
+    `[start, end)` when given: locally a seek, on S3 an HTTP Range GET with the same retries and resumes as
+    any read. Only a whole-object read is checked against the stored SHA-256."""
+    return get_storage(uri, cfg).open_read(uri, start=start, end=end)
 
 
 def exists(uri: str, cfg: StorageConfig | None = None) -> bool:

@@ -19,6 +19,12 @@ class StorageError(RuntimeError):
     """A storage operation that failed; the message names the URI (never credentials)."""
 
 
+def check_range(uri: str, start: int, end: int | None) -> None:
+    """Refuse a byte range that is not `0 <= start <= end`, naming the object."""
+    if start < 0 or (end is not None and end < start):
+        raise StorageError(f"reading {uri}: invalid byte range [{start}, {end})")
+
+
 class ObjectNotFound(StorageError, FileNotFoundError):
     """The object (or its bucket) does not exist. Also a FileNotFoundError, so `except FileNotFoundError` works."""
 
@@ -49,8 +55,10 @@ class Storage(ABC):
     def download_file(self, uri: str, local_path: str | Path) -> None: ...
 
     @abstractmethod
-    def open_read(self, uri: str) -> BinaryIO:
-        """A streaming binary reader (use as a context manager)."""
+    def open_read(self, uri: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        """A streaming binary reader (use as a context manager) of bytes `[start, end)` (`end` None: to the
+        object's end; an `end` past it is clipped). Only the whole object (`start` 0, `end` None) is checked
+        against a stored SHA-256; a ranged reader's caller verifies what it reads."""
 
     @abstractmethod
     def exists(self, uri: str) -> bool:

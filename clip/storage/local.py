@@ -8,13 +8,14 @@ the final name, and then the folder is fsynced: a reader sees the old content or
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from clip.storage.base import READ_CHUNK, ObjectInfo, ObjectNotFound, Storage, StorageError
+from clip.storage.base import READ_CHUNK, ObjectInfo, ObjectNotFound, Storage, StorageError, check_range
 from clip.storage.uri import join, to_local_path
 
 TMP_MARK = ".tmp-"  # local temp files are ".<final name>.tmp-<hex>"; list() never returns them
@@ -71,6 +72,38 @@ def atomic_local_write(final: Path, fill: Callable[[BinaryIO], None]) -> None:
     _fsync_dir(final.parent)
 
 
+class _BoundedReader(io.RawIOBase):
+    """Reads a file from its current position for at most `limit` bytes (None: to its end)."""
+
+    def __init__(self, handle: BinaryIO, limit: int | None) -> None:
+        super().__init__()
+        self._handle, self._left = handle, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        want = len(buffer) if self._left is None else min(len(buffer), self._left)
+        if want <= 0:
+            return 0
+        n = self._handle.readinto(memoryview(buffer)[:want])  # type: ignore[attr-defined]
+        if self._left is not None:
+            self._left -= n
+        return n
+
+    def readall(self) -> bytes:
+        if self._left is None:
+            return self._handle.read()
+        data = self._handle.read(max(0, self._left))
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        if not self.closed:
+            self._handle.close()
+        super().close()
+
+
 class LocalStorage(Storage):
     """Local paths (optionally `file://`). Writes go to a temp file in the same folder, then rename."""
 
@@ -124,11 +157,16 @@ class LocalStorage(Storage):
 
         atomic_local_write(dst, fill)
 
-    def open_read(self, uri: str) -> BinaryIO:
+    def open_read(self, uri: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        check_range(uri, start, end)
         try:
-            return open(to_local_path(uri), "rb")
+            handle = open(to_local_path(uri), "rb")
         except FileNotFoundError:
             raise ObjectNotFound(f"no such file: {uri}") from None
+        if start == 0 and end is None:
+            return handle
+        handle.seek(start)
+        return _BoundedReader(handle, None if end is None else end - start)  # type: ignore[return-value]
 
     def exists(self, uri: str) -> bool:
         return to_local_path(uri).is_file()

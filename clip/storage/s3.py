@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from clip.config import StorageConfig
-from clip.storage.base import MIB, READ_CHUNK, SHA_META, ObjectInfo, ObjectNotFound, Storage, StorageError
+from clip.storage.base import (
+    MIB,
+    READ_CHUNK,
+    SHA_META,
+    ObjectInfo,
+    ObjectNotFound,
+    Storage,
+    StorageError,
+    check_range,
+)
 from clip.storage.local import atomic_local_write, sha256_file
 from clip.storage.retry import (
     ChecksumMismatch,
@@ -213,11 +222,16 @@ class S3Storage(Storage):
 
     # -- reads ---------------------------------------------------------------------------------------------
 
-    def open_read(self, uri: str) -> BinaryIO:
+    def open_read(self, uri: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        """Streaming, resumed after dropped connections; a ranged read (`start`, `end`) is an HTTP Range GET of
+        exactly those bytes (retried like every GET), never a read of the object from its first byte."""
         bucket, key = parse_s3_uri(uri)
         if not key:
             raise StorageError(f"open {uri!r}: names a bucket, not an object")
-        raw = S3ResumingReader(self, uri, bucket, key)
+        check_range(uri, start, end)
+        if end is not None and end == start:
+            return io.BytesIO(b"")  # an empty range: nothing to ask for (S3 would answer the whole object)
+        raw = S3ResumingReader(self, uri, bucket, key, start=start, end=end)
         return io.BufferedReader(raw, buffer_size=READ_CHUNK)  # type: ignore[return-value]
 
     def read_bytes(self, uri: str) -> bytes:

@@ -1,7 +1,10 @@
 """Streaming reads of one S3 object that survive dropped connections and check the stored SHA-256.
 
 Shards are hundreds of MiB read over minutes; a connection reset in the middle must not restart the shard
-(or worse, end it silently). The reader resumes with a ranged GET pinned to the object's ETag.
+(or worse, end it silently). The reader resumes with a ranged GET pinned to the object's ETag. A reader of a
+byte range (`start`, `end`: one sample range of a shard, clip/formats/shard_index.py) asks for exactly those
+bytes with `Range: bytes=start-(end-1)` and resumes the same way; only a whole-object read can be checked
+against the stored SHA-256 (the caller of a ranged read verifies what it reads).
 """
 
 from __future__ import annotations
@@ -30,21 +33,24 @@ class S3ResumingReader(io.RawIOBase):
     object is refused rather than spliced) and goes on; the SHA-256 is checked when the end is reached.
     """
 
-    def __init__(self, storage: S3Storage, uri: str, bucket: str, key: str) -> None:
+    def __init__(self, storage: S3Storage, uri: str, bucket: str, key: str, start: int = 0,
+                 end: int | None = None) -> None:
         super().__init__()
         self._storage, self._uri, self._bucket, self._key = storage, uri, bucket, key
-        self._pos = 0
+        self._pos = start  # offsets are the object's
+        self._end = end
         self._etag: str | None = None
         self._hash = hashlib.sha256()
         self._verified = False
-        response = self._storage._attempt("GET", uri, lambda: self._open(0))
-        self._length = int(response["ContentLength"])
-        self._expected_sha = (response.get("Metadata") or {}).get(SHA_META)
+        response = self._storage._attempt("GET", uri, lambda: self._open(start))
+        self._stop = start + int(response["ContentLength"])  # where this read stops (end clipped to the object)
+        whole = start == 0 and end is None
+        self._expected_sha = (response.get("Metadata") or {}).get(SHA_META) if whole else None
 
     def _open(self, offset: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key}
-        if offset:
-            kwargs["Range"] = f"bytes={offset}-"
+        if offset or self._end is not None:
+            kwargs["Range"] = f"bytes={offset}-{'' if self._end is None else self._end - 1}"
         if self._etag:
             kwargs["IfMatch"] = self._etag
         response = self._storage.client.get_object(**kwargs)
@@ -63,16 +69,16 @@ class S3ResumingReader(io.RawIOBase):
         return b"".join(chunks)
 
     def readinto(self, buffer: Any) -> int:
-        if self._pos >= self._length:
+        if self._pos >= self._stop:
             self._check_sha()
             return 0
-        want = min(len(buffer), self._length - self._pos)
+        want = min(len(buffer), self._stop - self._pos)
         attempts = self._storage.cfg.max_attempts
         for attempt in range(1, attempts + 1):
             try:
                 data = self._body.read(want)
                 if not data:  # the server ended the body early
-                    raise http.client.IncompleteRead(b"", self._length - self._pos)
+                    raise http.client.IncompleteRead(b"", self._stop - self._pos)
                 break
             except Exception as exc:
                 if not is_retryable(exc) or attempt >= attempts:
@@ -88,7 +94,7 @@ class S3ResumingReader(io.RawIOBase):
         buffer[:n] = data
         self._hash.update(data)
         self._pos += n
-        if self._pos >= self._length:
+        if self._pos >= self._stop:
             self._check_sha()
         return n
 

@@ -8,12 +8,20 @@ started again with the same output resumes by itself. A storage error while list
 (clip.storage.StorageError, OSError) propagates: falling back to an older checkpoint, or to none, would silently
 retrain or restart. Only a checkpoint whose bytes do not parse (corrupt, or a foreign object) is skipped, with a
 warning.
+
+Each checkpoint gets its metadata sidecar (clip.formats.checkpoint `meta_name`), written after it and removed
+before it is overwritten or deleted. `find_latest()` chooses from the sidecars alone (a few KiB each, no
+torch.load) and reads a checkpoint whole only where the sidecar is missing, unreadable or names other bytes
+(another size than the object listed); `load_checkpoint_dict(uri, expected_sha256=...)` then refuses bytes that
+differ from what the sidecar described.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,10 +29,22 @@ import torch
 
 from clip import storage
 from clip.config import StorageConfig
-from clip.formats.checkpoint import FINAL_NAME, checkpoint_bytes, parse_checkpoint, parse_step, step_name
+from clip.formats.checkpoint import (
+    FINAL_NAME,
+    checkpoint_bytes,
+    checkpoint_meta,
+    checkpoint_meta_bytes,
+    meta_name,
+    parse_checkpoint,
+    parse_checkpoint_meta,
+    parse_step,
+    step_name,
+)
+from clip.formats.errors import FormatError
 
-__all__ = ["FINAL_NAME", "latest_checkpoint", "list_step_checkpoints", "load_checkpoint_dict", "prune_checkpoints",
-           "rng_state", "save_checkpoint", "set_rng_state", "step_name"]
+__all__ = ["FINAL_NAME", "FoundCheckpoint", "find_latest", "latest_checkpoint", "list_step_checkpoints",
+           "load_checkpoint_dict", "meta_uri", "prune_checkpoints", "read_checkpoint_meta", "rng_state",
+           "save_checkpoint", "set_rng_state", "step_name"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,12 +72,73 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def meta_uri(checkpoint_uri: str) -> str:
+    """Where the metadata sidecar of the checkpoint at `checkpoint_uri` lies (beside it)."""
+    name = storage.basename(checkpoint_uri)
+    return checkpoint_uri[: len(checkpoint_uri) - len(name)] + meta_name(name)
+
+
 def save_checkpoint(uri: str, checkpoint: dict[str, Any], storage_cfg: StorageConfig | None = None) -> None:
-    storage.write_bytes(uri, checkpoint_bytes(checkpoint), storage_cfg)
+    """Write the checkpoint, then its sidecar (an older sidecar at the same name goes first, so no sidecar ever
+    describes bytes that are not there)."""
+    raw = checkpoint_bytes(checkpoint)
+    storage.delete(meta_uri(uri), storage_cfg)
+    storage.write_bytes(uri, raw, storage_cfg)
+    storage.write_bytes(meta_uri(uri), checkpoint_meta_bytes(checkpoint, raw, storage.basename(uri)), storage_cfg)
 
 
-def load_checkpoint_dict(uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
-    return parse_checkpoint(storage.read_bytes(uri, storage_cfg), uri)
+def load_checkpoint_dict(uri: str, storage_cfg: StorageConfig | None = None,
+                         expected_sha256: str | None = None) -> dict[str, Any]:
+    """The whole checkpoint; with `expected_sha256` (its sidecar's), FormatError when the bytes differ."""
+    data = storage.read_bytes(uri, storage_cfg)
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise FormatError(f"{uri} does not match its metadata sidecar {storage.basename(meta_uri(uri))} (sha256 "
+                          f"{hashlib.sha256(data).hexdigest()[:12]}... != {expected_sha256[:12]}...): it changed "
+                          "after it was written; move both away to resume from the checkpoint before it")
+    return parse_checkpoint(data, uri)
+
+
+def read_checkpoint_meta(uri: str, size: int | None,
+                         storage_cfg: StorageConfig | None = None) -> dict[str, Any] | None:
+    """The sidecar of the checkpoint at `uri` when there is one that describes an object of `size` bytes (the
+    listed size; None: not checked); None otherwise. A storage error other than "not found" propagates."""
+    sidecar = meta_uri(uri)
+    try:
+        raw = storage.read_bytes(sidecar, storage_cfg)
+    except FileNotFoundError:  # clip.storage.ObjectNotFound is one too
+        return None
+    try:
+        meta = parse_checkpoint_meta(raw, sidecar)
+    except FormatError as exc:
+        warnings.warn(f"{exc}; reading the checkpoint whole instead", stacklevel=2)
+        return None
+    if meta["checkpoint"] != storage.basename(uri) or (size is not None and meta["bytes"] != size):
+        return None  # it describes other bytes (replaced since): the checkpoint itself is the authority
+    return meta
+
+
+@dataclass(frozen=True)
+class FoundCheckpoint:
+    """The checkpoint to resume from: its location, its metadata (clip.formats.checkpoint META_KEYS, plus
+    `sha256` when read from the sidecar) and, when it had to be read whole to choose it, the checkpoint."""
+
+    uri: str
+    meta: dict[str, Any]
+    checkpoint: dict[str, Any] | None = None
+
+    def load(self, storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
+        """The whole checkpoint (read now unless it already was; checked against the sidecar's sha256)."""
+        if self.checkpoint is not None:
+            return self.checkpoint
+        return load_checkpoint_dict(self.uri, storage_cfg, expected_sha256=self.meta.get("sha256"))
+
+
+def _meta_or_parse(uri: str, size: int | None, storage_cfg: StorageConfig | None) -> FoundCheckpoint | None:
+    meta = read_checkpoint_meta(uri, size, storage_cfg)
+    if meta is not None:
+        return FoundCheckpoint(uri, meta)
+    checkpoint = _parse_or_skip(uri, storage_cfg)
+    return None if checkpoint is None else FoundCheckpoint(uri, checkpoint_meta(checkpoint), checkpoint)
 
 
 def _parse_or_skip(uri: str, storage_cfg: StorageConfig | None) -> dict[str, Any] | None:
@@ -74,42 +155,56 @@ def _parse_or_skip(uri: str, storage_cfg: StorageConfig | None) -> dict[str, Any
         return None
 
 
-def list_step_checkpoints(output: str, storage_cfg: StorageConfig | None = None) -> list[tuple[int, str]]:
-    """(step, uri) of the step checkpoints directly in `output`, oldest first."""
-    found = []
+def _checkpoint_objects(output: str, storage_cfg: StorageConfig | None) -> dict[str, tuple[str, int]]:
+    """name -> (uri, size) of the objects directly in `output`."""
+    found = {}
     for info in storage.get_storage(output, storage_cfg).list(output):
         name = storage.basename(info.uri)
         rel = info.uri[len(output.rstrip("/")) + 1:] if info.uri.startswith(output.rstrip("/")) else name
-        step = parse_step(name)
-        if step is not None and "/" not in rel:
-            found.append((step, info.uri))
-    return sorted(found)
+        if "/" not in rel:
+            found[name] = (info.uri, info.size)
+    return found
 
 
-def latest_checkpoint(output: str, storage_cfg: StorageConfig | None = None) -> tuple[str, dict[str, Any]] | None:
-    """The newest checkpoint that loads (highest step; final.pt on a tie), or None.
+def list_step_checkpoints(output: str, storage_cfg: StorageConfig | None = None) -> list[tuple[int, str]]:
+    """(step, uri) of the step checkpoints directly in `output`, oldest first."""
+    objects = _checkpoint_objects(output, storage_cfg)
+    return sorted((step, uri) for name, (uri, _size) in objects.items() if (step := parse_step(name)) is not None)
+
+
+def find_latest(output: str, storage_cfg: StorageConfig | None = None) -> FoundCheckpoint | None:
+    """The newest loadable checkpoint (highest step; final.pt on a tie), or None, chosen from the sidecars where
+    there are (nothing is read whole then), from the checkpoints themselves where not.
 
     final.pt is not always the newest: a finished run continued with more epochs resumes from it and then
     writes step checkpoints beyond its step; after a crash those are where to resume."""
-    final: tuple[str, dict[str, Any]] | None = None
-    final_uri = storage.join(output, FINAL_NAME)
-    if storage.exists(final_uri, storage_cfg):
-        final_dict = _parse_or_skip(final_uri, storage_cfg)
-        final = (final_uri, final_dict) if final_dict is not None else None
-    final_step = int(final[1].get("step", 0)) if final is not None else -1
-    for step, uri in reversed(list_step_checkpoints(output, storage_cfg)):
+    objects = _checkpoint_objects(output, storage_cfg)
+    final = None
+    if FINAL_NAME in objects:
+        final = _meta_or_parse(*objects[FINAL_NAME], storage_cfg)
+    final_step = int(final.meta.get("step", 0)) if final is not None else -1
+    steps = sorted((step, uri, size) for name, (uri, size) in objects.items()
+                   if (step := parse_step(name)) is not None)
+    for step, uri, size in reversed(steps):
         if step <= final_step:
             break
-        checkpoint = _parse_or_skip(uri, storage_cfg)
-        if checkpoint is not None:
-            return uri, checkpoint
+        found = _meta_or_parse(uri, size, storage_cfg)
+        if found is not None:
+            return found
     return final
 
 
+def latest_checkpoint(output: str, storage_cfg: StorageConfig | None = None) -> tuple[str, dict[str, Any]] | None:
+    """(uri, whole checkpoint) of `find_latest`'s choice, or None."""
+    found = find_latest(output, storage_cfg)
+    return None if found is None else (found.uri, found.load(storage_cfg))
+
+
 def prune_checkpoints(output: str, keep: int, storage_cfg: StorageConfig | None = None) -> list[str]:
-    """Delete all but the newest `keep` step checkpoints; returns the deleted URIs."""
+    """Delete all but the newest `keep` step checkpoints (each sidecar first); returns the deleted URIs."""
     steps = list_step_checkpoints(output, storage_cfg)
     doomed = [uri for _step, uri in steps[: max(0, len(steps) - keep)]]
     for uri in doomed:
+        storage.delete(meta_uri(uri), storage_cfg)
         storage.delete(uri, storage_cfg)
     return doomed

@@ -20,7 +20,7 @@ import io
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -30,6 +30,7 @@ from clip.train.gpu_decode import crop_box
 from clip.train.streams import (
     DataError,
     DataState,
+    Opener,
     RawStream,
     StreamPlan,
     StreamStats,
@@ -97,9 +98,9 @@ class StepChunks(IterableDataset):
         self.cfg = cfg
         self.num_workers = max(1, num_workers)
 
-    def _opener(self) -> Callable[[str], IO[bytes]]:
+    def _opener(self) -> Opener:
         storage_cfg = StorageConfig(**self.cfg.storage_cfg) if self.cfg.storage_cfg else None
-        return lambda uri: open_uri(uri, storage_cfg)
+        return lambda uri, **byte_range: open_uri(uri, storage_cfg, **byte_range)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         cfg = self.cfg

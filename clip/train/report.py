@@ -7,7 +7,8 @@ Guarantees:
   artifacts under `checkpoint/`;
 - `train.output/metrics.json` (rank 0, written atomically, keys sorted) holds the final figures; a finished run
   started again reports it back unchanged (`load_result`), and so does the launcher after a torchrun job;
-- `TrainResult` is what every caller gets, in one process or on every rank.
+- `TrainResult` is what every caller gets, in one process or on every rank;
+- `LogWindow` keeps its loss sums on the device between logs: adding a step never syncs with the device.
 """
 
 from __future__ import annotations
@@ -122,19 +123,36 @@ def peak_memory_mb(device: torch.device) -> float:
 
 @dataclass
 class LogWindow:
-    """The steps since the last metric log; the logged figures are averages over them."""
+    """The steps since the last metric log; the logged figures are averages over them. The loss sums stay on the
+    device (`add`: no host sync) until `metrics` reads them, once per window."""
 
-    loss_sum: float = 0.0  # over the steps with a finite loss
-    finite_steps: int = 0
+    loss_sum: torch.Tensor | None = None  # [] fp32 on the device: the sum of the finite losses (None: no step)
+    finite_steps: torch.Tensor | None = None  # [] int64 on the device: steps with a finite loss
     steps: int = 0
     wait_s: float = 0.0  # time spent waiting for the loader
     start: float = field(default_factory=time.monotonic)
+
+    def add(self, finite: torch.Tensor, loss: torch.Tensor) -> None:
+        """One step: `finite` [] bool, `loss` [] (any value when not finite; it is left out)."""
+        kept = torch.where(finite, loss.float(), 0.0)
+        if self.loss_sum is None or self.finite_steps is None:
+            self.loss_sum, self.finite_steps = kept, finite.long()
+        else:
+            self.loss_sum, self.finite_steps = self.loss_sum + kept, self.finite_steps + finite.long()
+        self.steps += 1
+
+    def mean_loss(self) -> float:
+        """The mean finite loss of the window (nan when none): one host read."""
+        if self.loss_sum is None or self.finite_steps is None:
+            return float("nan")
+        loss_sum, finite_steps = torch.stack([self.loss_sum.double(), self.finite_steps.double()]).tolist()
+        return loss_sum / finite_steps if finite_steps else float("nan")
 
     def metrics(self, *, lr: float, logit_scale: float, batch_size: int, device: torch.device,
                 corrupt_samples: int, nonfinite_steps: int) -> dict[str, float]:
         elapsed = max(1e-9, time.monotonic() - self.start)
         return {
-            "loss": self.loss_sum / self.finite_steps if self.finite_steps else float("nan"),
+            "loss": self.mean_loss(),
             "lr": lr,
             "logit_scale": logit_scale,
             "samples_per_s": self.steps * batch_size / elapsed,

@@ -2,13 +2,18 @@
 
 Guarantees (docs/formats.md "Checkpoints"):
 - the newest loadable checkpoint in `train.output` is picked (highest step, final.pt on a tie;
-  clip.train.checkpoint.latest_checkpoint), so a run started again with the same command resumes by itself;
-- a checkpoint of another `train.model` / `train.model_overrides`, of another data version, or beyond this run's
-  step count is refused (ValueError naming the checkpoint, the key and both values) before anything is written;
+  clip.train.checkpoint.find_latest), so a run started again with the same command resumes by itself;
+- a checkpoint of another `train.model` / `train.model_overrides` / `train.loss`, of another data version, or
+  beyond this run's step count is refused (ValueError naming the checkpoint, the key and both values) before anything is written;
   so is one of another `train.seed` / `train.shuffle_buffer` / `train.batch_size` (they map the saved data
   positions to samples: a change would silently re-map them);
   another stream count is refused when the data position is restored (`DataState.from_dict`, DataError);
-- under a launcher rank 0 alone picks the checkpoint and broadcasts its URI, so the ranks never disagree;
+- under a launcher rank 0 alone picks the checkpoint and broadcasts its URI and metadata (step, data version,
+  data_state, train_config, mlflow_run_id...), so the ranks never disagree; the choice and every check below use
+  that metadata alone, read from the checkpoints' sidecars where they have one (clip.train.checkpoint
+  `find_latest`): no rank reads a whole checkpoint to choose or check it, and a finished run started again reads
+  none. The whole checkpoint is read (by each rank, once) only when its weights or tokenizer are needed
+  (`ResumePoint.checkpoint`);
 - a resumed run continues with the checkpoint's model config and weights, optimizer, step count, RNG states and
   data position, so it trains on the same samples to the same weights as a run that never stopped; the LR
   schedule is rebuilt from this run's config (only the step count is restored), so a finished run continued
@@ -19,7 +24,7 @@ Guarantees (docs/formats.md "Checkpoints"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,7 +32,7 @@ import torch
 from clip import storage as storage_lib
 from clip.config import StorageConfig, TrainConfig
 from clip.tokenizer import Tokenizer
-from clip.train.checkpoint import FINAL_NAME, latest_checkpoint, load_checkpoint_dict, set_rng_state
+from clip.train.checkpoint import FINAL_NAME, FoundCheckpoint, find_latest, set_rng_state
 from clip.train.distributed import DistInfo, broadcast_object
 from clip.train.schedule import Schedule, WarmupCosine
 from clip.train.state import TrainState, load_optimizer_state
@@ -35,42 +40,63 @@ from clip.train.streams import DataState
 from clip.train.wrap import wrap_model
 
 
-@dataclass(frozen=True)
+@dataclass
 class ResumePoint:
-    """The checkpoint a run continues from (`uri` and `checkpoint` None: a fresh start at step 0)."""
+    """The checkpoint a run continues from (`found` None: a fresh start at step 0). Its metadata is at hand;
+    the whole checkpoint is read on first use of `checkpoint`."""
 
-    uri: str | None
-    checkpoint: dict[str, Any] | None
+    found: FoundCheckpoint | None
     is_final: bool  # the checkpoint is train.output's final.pt (the end of an earlier run)
+    storage: StorageConfig | None = None
+    _checkpoint: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def uri(self) -> str | None:
+        return self.found.uri if self.found is not None else None
+
+    @property
+    def metadata(self) -> dict[str, Any] | None:
+        """step, samples_seen, data_state, data_version, mlflow_run_id, train_config, model_config (those saved)."""
+        return self.found.meta if self.found is not None else None
+
+    @property
+    def checkpoint(self) -> dict[str, Any] | None:
+        """The whole checkpoint dict (read, and checked against its sidecar, on first use)."""
+        if self.found is None:
+            return None
+        if self._checkpoint is None:
+            self._checkpoint = self.found.load(self.storage)
+        return self._checkpoint
 
     @property
     def start_step(self) -> int:
-        return int(self.checkpoint["step"]) if self.checkpoint is not None else 0
+        return int(self.found.meta.get("step", 0)) if self.found is not None else 0
 
 
 # Keys that map a checkpoint's data position (stream positions, step in epoch) to samples.
 DATA_MAPPING_KEYS = ("seed", "shuffle_buffer", "batch_size")
 
 
-def _choose_checkpoint(output: str, storage: StorageConfig,
-                       info: DistInfo | None) -> tuple[str, dict[str, Any]] | None:
-    """latest_checkpoint, chosen by rank 0 alone under a launcher (its URI broadcast; the others load that URI)."""
+def _choose_checkpoint(output: str, storage: StorageConfig, info: DistInfo | None) -> FoundCheckpoint | None:
+    """find_latest, chosen by rank 0 alone under a launcher (its URI and metadata broadcast; nothing is read by
+    the others)."""
     if info is None or not info.distributed:
-        return latest_checkpoint(output, storage)
+        return find_latest(output, storage)
     if info.is_main:
         try:
-            found = latest_checkpoint(output, storage)
+            found = find_latest(output, storage)
         except BaseException as exc:
             broadcast_object(("error", f"{type(exc).__name__}: {exc}"), info)  # the others must not wait forever
             raise
-        broadcast_object(("ok", found[0] if found is not None else None), info)
+        broadcast_object(("ok", (found.uri, found.meta) if found is not None else None), info)
         return found
     kind, value = broadcast_object(None, info)  # type: ignore[misc]
     if kind == "error":
         raise RuntimeError(f"rank 0 could not choose the checkpoint to resume from in {output}: {value}")
     if value is None:
         return None
-    return value, load_checkpoint_dict(value, storage)
+    uri, meta = value
+    return FoundCheckpoint(uri, meta)
 
 
 def find_resume_point(tcfg: TrainConfig, storage: StorageConfig, data_version: str,
@@ -79,11 +105,11 @@ def find_resume_point(tcfg: TrainConfig, storage: StorageConfig, data_version: s
     Collective under a launcher when `info` is given (rank 0 chooses, the others follow)."""
     found = _choose_checkpoint(tcfg.output, storage, info)
     if found is None:
-        return ResumePoint(None, None, is_final=False)
-    uri, checkpoint = found
+        return ResumePoint(None, is_final=False, storage=storage)
+    uri, checkpoint = found.uri, found.meta  # the checks below need the metadata only
     # A resume rebuilds the checkpoint's model: a different model asked for would be silently ignored.
     asked, saved = tcfg.model_dump(mode="json"), checkpoint.get("train_config") or {}
-    for key in ("model", "model_overrides"):
+    for key in ("model", "model_overrides", "loss"):  # `loss`: a siglip model has a bias parameter a clip one lacks
         if key in saved and saved[key] != asked[key]:
             raise ValueError(
                 f"{uri} was trained with train.{key}={saved[key]!r} but this run asks for "
@@ -108,7 +134,7 @@ def find_resume_point(tcfg: TrainConfig, storage: StorageConfig, data_version: s
             f"{uri} is at step {checkpoint['step']}, beyond this run's {schedule.total_steps} steps; "
             "use a new train.output or more train.epochs"
         )
-    return ResumePoint(uri, checkpoint, is_final=uri == storage_lib.join(tcfg.output, FINAL_NAME))
+    return ResumePoint(found, is_final=uri == storage_lib.join(tcfg.output, FINAL_NAME), storage=storage)
 
 
 def resume_or_start(tcfg: TrainConfig, info: DistInfo, point: ResumePoint, tokenizer: Tokenizer,
@@ -126,6 +152,11 @@ def resume_or_start(tcfg: TrainConfig, info: DistInfo, point: ResumePoint, token
         overrides = dict(tcfg.model_overrides)
         overrides.setdefault("vocab_size", tokenizer.vocab_size)
         overrides.setdefault("context_length", tokenizer.context_length)
+        if tcfg.loss == "siglip":  # the paper's start: temperature 10, bias -10 (a learned bias parameter)
+            from clip.sigmoid_loss import SIGLIP_INIT
+
+            for name, value in SIGLIP_INIT.items():
+                overrides.setdefault(name, value)
         model = create_model(tcfg.model, **overrides)
     model_config = model.config.to_dict()
     if checkpoint is not None:

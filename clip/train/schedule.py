@@ -2,7 +2,7 @@
 and the learning-rate factor per step.
 
 Guarantees: `plan_schedule` refuses (ValueError naming the keys) a global batch that does not split evenly over
-the processes and the streams, and an epoch with no full step, before any work starts; the schedule is a pure
+the processes and the streams, a per-rank batch that `train.accum_steps` does not divide, and an epoch with no full step, before any work starts; the schedule is a pure
 function of the train section, the data size and the world size. `WarmupCosine` is plain data, so the
 scheduler's state dict in a checkpoint loads with `weights_only=True`.
 """
@@ -57,6 +57,12 @@ def plan_schedule(tcfg: TrainConfig, plan_total_samples: int, world_size: int) -
         raise ValueError(
             f"train.batch_size ({tcfg.batch_size}) is the GLOBAL batch and must be a multiple of the world size "
             f"({world_size} processes)"
+        )
+    per_rank = tcfg.batch_size // world_size
+    if per_rank % tcfg.accum_steps:
+        raise ValueError(
+            f"train.accum_steps ({tcfg.accum_steps}) must divide the per-rank batch ({per_rank} = train.batch_size "
+            f"{tcfg.batch_size} / {world_size} processes) into equal micro-batches"
         )
     streams = tcfg.streams or default_streams(tcfg.batch_size)
     if streams % world_size:

@@ -16,7 +16,13 @@ Guarantees: the same config and data give the same samples per step, the same ch
 whether the run went through in one go or was stopped and started again (any number of times, on any world size
 with the same `train.streams`); a finished run started again trains nothing and reports what it wrote. Progress
 goes through the progress protocol (clip.progress), from rank 0 only: task "train", done = step, total = the
-run's steps, detail "loss 1.432".
+run's steps, detail "loss 1.432" (the loss of the last logging step).
+
+A step that is neither a logging step (`train.log_every`, the last step) nor a checkpoint step reads nothing back
+from the device (with a fused AdamW, clip/train/step.py): the loss sums, the non-finite counts and the last loss
+stay on the device and are read at logging steps; the `train.max_nonfinite_steps` stop is decided at logging and
+checkpoint steps. `train.accum_steps` changes neither the samples of a step nor the step count, so the data
+position and a resume are the same with or without accumulation.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from clip.train.report import LogWindow, LossCurve, TrainResult, load_result, wr
 from clip.train.resume import find_resume_point, resume_or_start
 from clip.train.schedule import plan_schedule
 from clip.train.state import DataPosition, save_training_state
-from clip.train.step import NonFiniteGuard, NonFiniteLossError, device_inputs, train_step
+from clip.train.step import NonFiniteGuard, NonFiniteLossError, device_inputs, mark_tokens_checked, train_step
 from clip.train.streams import StreamPlan, read_manifest, resolve_data_location
 from clip.train.tokenizer_setup import setup_tokenizer
 from clip.train.wrap import check_fsdp_world
@@ -85,9 +91,20 @@ def pin_data_version(cfg: TrainConfig, storage: StorageConfig) -> TrainConfig:
     return cfg.model_copy(update={"data": resolve_data_location(cfg.data, storage)})
 
 
+def build_loss(cfg: TrainConfig, *, equal_batches: bool) -> torch.nn.Module:
+    """The loss of `train.loss` (the contract in clip/loss.py): clip -> ClipLoss (`train.local_loss`), siglip ->
+    SigLipLoss. `equal_batches`: every rank holds the same number of rows (no size exchange, no host sync)."""
+    if cfg.loss == "siglip":
+        from clip.sigmoid_loss import SigLipLoss
+
+        return SigLipLoss()
+    from clip.loss import ClipLoss
+
+    return ClipLoss(local_loss=cfg.local_loss, gather_with_grad=True, equal_batches=equal_batches)
+
+
 def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, tracking: TrackingConfig,
          debug: DebugConfig, info: DistInfo, progress: Progress | None) -> TrainResult:
-    from clip.loss import ClipLoss
     from clip.model import get_config
 
     get_config(cfg.model, **cfg.model_overrides)  # an unknown model name is refused before any work starts
@@ -111,7 +128,17 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
             return finished  # a finished run started again: nothing to train; report what it wrote
     tokenizer = setup_tokenizer(cfg, storage, info, manifest, point.checkpoint)
     state = resume_or_start(cfg, info, point, tokenizer, schedule, manifest.data_version)
-    loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=True)
+    gpu_decode = cfg.gpu_decode and info.device.type == "cuda"
+    # gpu_decode can drop undecodable rows, so ranks may then hold different batch sizes: only that path pays for
+    # the loss's size exchange (one host sync per step); otherwise every rank holds batch_size / world_size rows.
+    loss_fn = build_loss(cfg, equal_batches=not gpu_decode)
+    # siglip and local_loss return each rank's share of the global loss (their mean over ranks is the loss)
+    per_rank_share = info.distributed and (cfg.loss == "siglip" or cfg.local_loss)
+    # Token ids checked and padding trimmed on the host (device_inputs) so that encode_text needs no host sync;
+    # not trimmed under torch.compile, whose graphs keep the full static length.
+    mark_tokens_checked(state.wrapped)
+    vocab_size = int(state.model_config["text"]["vocab_size"])
+    trim_text = not cfg.compile and bool(getattr(state.wrapped.module, "trim_text_padding", False))
 
     per_rank = schedule.num_streams // info.world_size
     rank_streams = tuple(range(info.rank * per_rank, (info.rank + 1) * per_rank))
@@ -120,7 +147,7 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
         chunk=schedule.chunk,
         steps_per_epoch=schedule.steps_per_epoch, epochs=cfg.epochs, shuffle_buffer=cfg.shuffle_buffer,
         image_size=state.image_size, tokenizer_json=tokenizer.to_json(), rank_streams=rank_streams,
-        start=state.data_state, gpu_decode=cfg.gpu_decode and info.device.type == "cuda",
+        start=state.data_state, gpu_decode=gpu_decode,
         storage_cfg=storage.model_dump(),
     )
     position = DataPosition(state.data_state, rank_streams, schedule.steps_per_epoch)
@@ -133,7 +160,8 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
     window = LogWindow()
     curve = LossCurve.resume(cfg.output, storage, state.start_step) if info.is_main else LossCurve()
     total_wait, loop_start = 0.0, time.monotonic()
-    last_loss = float("nan")
+    last_loss = float("nan")  # host copy of the newest finite loss, read at logging steps
+    last_loss_on_device = torch.full((), float("nan"), device=info.device)  # [] the newest finite loss
     checkpoint_due = False  # a checkpoint step fell inside a non-finite streak: write at the next finite step
     step = state.start_step
 
@@ -162,22 +190,34 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
             window.wait_s += waited
             total_wait += waited
             step = batch.epoch * schedule.steps_per_epoch + batch.step_in_epoch + 1
-            images, tokens, failed_decodes = device_inputs(batch, state.image_size, info.device)
+            images, tokens, failed_decodes = device_inputs(batch, state.image_size, info.device,
+                                                           vocab_size=vocab_size, trim_text=trim_text)
             counters["corrupt_samples"] += batch.corrupt + failed_decodes
             counters["truncated_shards"] += batch.truncated
+            # No host sync from here to the logging block: the outcome, the guard's counts and the window's sums
+            # stay on the device until a logging or checkpoint step reads them.
             outcome = train_step(state, loss_fn, images, tokens, info, use_bf16=use_bf16,
-                                 poison=hooks.poisons(step))
-            guard.record(outcome.finite)
-            if outcome.finite:
-                last_loss = outcome.loss
-                window.loss_sum += last_loss
-                window.finite_steps += 1
+                                 poison=hooks.poisons(step), accum_steps=cfg.accum_steps)
+            guard.record(outcome.finite_flag)
+            window.add(outcome.finite_flag, outcome.loss_value)
+            last_loss_on_device = torch.where(outcome.finite_flag, outcome.loss_value, last_loss_on_device)
             position.advance(batch)
             hooks.log_step(step, batch.keys)
-            guard.check(step)
 
-            window.steps += 1
-            if step % cfg.log_every == 0 or step == schedule.total_steps:
+            log_due = step % cfg.log_every == 0 or step == schedule.total_steps
+            checkpoint_due = checkpoint_due or step % cfg.checkpoint_every == 0
+            if log_due or checkpoint_due:
+                # A streak that reached train.max_nonfinite_steps stops the run here: at most log_every - 1 (or
+                # checkpoint_every - 1) steps after it reached the limit.
+                guard.check(step)
+            if log_due:
+                if per_rank_share and window.loss_sum is not None:
+                    # siglip / local_loss: each rank's value is its share, and the global loss is their mean
+                    # (a collective at a logging step, which every rank reaches at the same step)
+                    shared = torch.stack([window.loss_sum, last_loss_on_device.float()])
+                    all_reduce_(shared, info)
+                    window.loss_sum, last_loss_on_device = shared[0] / info.world_size, shared[1] / info.world_size
+                last_loss = float(last_loss_on_device)
                 logged = window.metrics(
                     lr=state.scheduler.get_last_lr()[0], logit_scale=float(outcome.logit_scale),
                     batch_size=cfg.batch_size, device=info.device, corrupt_samples=counters["corrupt_samples"],
@@ -185,10 +225,9 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
                 tracker.log_metrics(logged, step=step)
                 curve.add(step, logged)
                 window = LogWindow()
-            if progress is not None:
+            if progress is not None:  # the loss of the last logging step: reading it every step would sync
                 detail = f"loss {last_loss:.3f}" if math.isfinite(last_loss) else ""
                 progress(PROGRESS_TASK, step, schedule.total_steps, detail)
-            checkpoint_due = checkpoint_due or step % cfg.checkpoint_every == 0
             if checkpoint_due and guard.in_a_row == 0 and step < schedule.total_steps:  # never mid-streak
                 checkpoint_due = False
                 data_state = position.global_state(batch.epoch, batch.step_in_epoch + 1, info)

@@ -13,11 +13,14 @@
    by the compiler (torch's recommended order).
 
 `Wrapped.module` is the step-2 module for state dicts (with FSDP: the sharded root); `Wrapped.forward_module`
-is what the loop calls.
+is what the loop calls; `Wrapped.gradient_sync(False)` lets backward passes accumulate gradients on each rank
+without reducing them (DDP `no_sync`, FSDP2 `set_requires_gradient_sync`), for micro-batch accumulation.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +45,24 @@ class Wrapped:
             if param.grad is not None:
                 dist.all_reduce(param.grad)
                 param.grad.div_(world_size)
+
+    @contextlib.contextmanager
+    def gradient_sync(self, enabled: bool) -> Iterator[None]:
+        """Backward passes run inside reduce gradients across ranks when `enabled` (as always outside); otherwise
+        each rank accumulates its own gradients, to be reduced by the next synced backward. The forward of those
+        backward passes must run inside too (DDP decides at forward time). A no-op for one process."""
+        if enabled or self.kind == "none":
+            yield
+        elif self.kind == "ddp":
+            ddp = getattr(self.forward_module, "_orig_mod", self.forward_module)  # under torch.compile
+            with ddp.no_sync():
+                yield
+        else:  # fsdp
+            self.module.set_requires_gradient_sync(False)  # type: ignore[operator]
+            try:
+                yield
+            finally:
+                self.module.set_requires_gradient_sync(True)  # type: ignore[operator]
 
 
 def _residual_blocks(model: nn.Module) -> list[nn.Module]:

@@ -4,12 +4,19 @@ Guarantees: `HostLimiter.acquire(host_key)` returns only once the caller holds o
 has spent one of its rate tokens (a burst is capped at min(rate, concurrency), at least 1); every acquire
 must be paired with one `release`. The limiter is thread-safe, and its memory stays bounded by the hosts in
 use: state of a host nobody holds whose bucket has refilled is dropped, which changes nothing observable.
+
+A limiter holds its limits within one process. Across processes they hold exactly when every host is fetched by
+one process only: `host_owner` names that process for a URL, from a hash of its host key that is the same in
+every process and on every run (Python's `hash` of a str is salted per process, so it is not used).
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
+
+from clip.collect.net.urls import parse_url
 
 
 class _TokenBucket:
@@ -86,3 +93,15 @@ class HostLimiter:
         idle = [k for k, s in self._hosts.items() if s.users == 0 and s.bucket.full_since(now)]
         for key in idle:
             del self._hosts[key]
+
+
+def host_owner(url: str, owners: int) -> int:
+    """Which of `owners` processes fetches `url`: a stable hash of the host key (name:port) the limits use.
+
+    A URL that does not parse has no host and goes to owner 0 (it fails as bad_url without any request).
+    """
+    target = parse_url(url)
+    if target is None:
+        return 0
+    digest = hashlib.blake2b(target.host_key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % owners
