@@ -108,7 +108,7 @@ def test_a_library_value_error_keeps_its_traceback_ours_is_one_line(tmp_path: Pa
     (tmp_path / "dedup").mkdir()
     (tmp_path / "raw").mkdir()
     empty = pa.table({"key": pa.array([], pa.string()), "shard": pa.array([], pa.string()),
-                      "sha256": pa.array([], pa.string())})
+                      "sha256": pa.array([], pa.string()), "caption_digest": pa.array([], pa.string())})
     pq.write_table(empty, tmp_path / "dedup" / "keep.parquet")
     ours = run_cli("shard", "--set", f"shard.dedup_dir={tmp_path / 'dedup'}", "--set",
                    f"shard.input_dir={tmp_path / 'raw'}", "--set", f"shard.output={tmp_path / 'out'}", cwd=tmp_path)

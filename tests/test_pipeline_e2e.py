@@ -20,9 +20,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("clip-pipeline"))
 
+# 8 epochs (96 steps): at 1 epoch the 1-layer towers were barely past chance on the colours (0.27 against the 0.25
+# bound), so any change of the demo pool's pixels could fail the test without the model learning any less.
 SMALL = [
     "collect.synthetic.num_samples=384", "collect.synthetic.image_size=32", "collect.samples_per_shard=128",
-    "shard.samples_per_shard=100", "train.batch_size=32", "train.epochs=1", "train.num_workers=1",
+    "shard.samples_per_shard=100", "train.batch_size=32", "train.epochs=8", "train.num_workers=1",
     "train.warmup_steps=2", "train.checkpoint_every=4", "train.tokenizer.vocab_size=600",
     "train.model_overrides={image_size: 32, vision_layers: 1, text_layers: 1}",
 ]
@@ -75,7 +77,7 @@ def test_pipeline_all_on_the_embedded_default(tmp_path: Path) -> None:
     assert checkpoints.name.endswith("-" + manifest["data_version"][:12])
     final = torch.load(checkpoints / "final.pt", weights_only=True, map_location="cpu")
     assert final["data_version"] == manifest["data_version"]
-    assert final["step"] == len(keep) // 32  # one epoch of full global batches
+    assert final["step"] == 8 * (len(keep) // 32)  # 8 epochs of full global batches
     assert (checkpoints / "tokenizer.json").exists()
 
     # The checkpoint alone rebuilds the model and tokenizer and embeds a caption (what export will do).

@@ -18,6 +18,7 @@ from clip.config import ComputeConfig, DedupConfig, ShardConfig, StorageConfig, 
 from clip.dedup import stage as dedup_stage
 from clip.formats.errors import StaleInputError
 from clip.formats.manifest import data_version
+from clip.formats.raw import caption_digest
 from clip.formats.tar import DeterministicTarWriter
 from clip.progress import Progress, RecordingProgress
 from clip.shards import stage
@@ -253,9 +254,10 @@ def test_stale_keep_list_is_refused_before_writing(tmp_path: Path) -> None:
     dedup_cfg = DedupConfig(input_dir=str(raw), output_dir=str(tmp_path / "dedup"), decontaminate_synthetic=False)
     run_dedup(dedup_cfg)
     keep_table = pq.read_table(tmp_path / "dedup" / "keep.parquet")
-    assert keep_table.column_names == ["key", "shard", "sha256"]
-    for row in keep_table.to_pylist():  # the column is the raw JSON's image sha256
+    assert keep_table.column_names == ["key", "shard", "sha256", "caption_digest"]
+    for row in keep_table.to_pylist():  # the columns are the raw JSON's image sha256 and its caption's digest
         assert row["sha256"] == json.loads(pool_a[row["key"]]["json"])["sha256"]
+        assert row["caption_digest"] == caption_digest(json.loads(pool_a[row["key"]]["json"])["caption"])
 
     for old in raw.glob("raw-*.tar"):
         old.unlink()
@@ -301,6 +303,29 @@ def test_partly_changed_pool_names_exactly_the_changed_keys(tmp_path: Path) -> N
     assert "2 of 20 kept samples differ" in message
     assert "000000004 (not in raw shard raw-00000.tar)" in message
     assert "000000013 (image sha256 differs)" in message
+    assert_nothing_published(out)
+
+
+def test_collect_rerun_that_changed_only_captions_is_refused(tmp_path: Path) -> None:
+    """Issue 16.5: the same images under new captions (a collect rerun that re-captioned the pool) contradict the
+    keep-list as much as new images do: refused naming the key, nothing published; before, nothing caught it."""
+    samples = write_unique_pool(tmp_path / "raw", 20, 10, seed=12)
+    keep = {key: f"raw-{i // 10:05d}.tar" for i, key in enumerate(sorted(samples))}
+    write_keep(tmp_path / "dedup", keep, samples)
+    changed = dict(samples)
+    meta = json.loads(samples["000000007"]["json"])
+    meta["caption"] = "a caption written by another collect run"
+    changed["000000007"] = {**samples["000000007"], "txt": meta["caption"].encode(),
+                            "json": json.dumps(meta).encode()}
+    ordered = sorted(changed.items())
+    for name, part in (("raw-00000.tar", ordered[:10]), ("raw-00001.tar", ordered[10:])):
+        (written,) = write_raw_shards(tmp_path / f"new-{name}", part, per_shard=len(part))
+        written.replace(tmp_path / "raw" / name)
+    out = tmp_path / "shards"
+    with pytest.raises(StaleInputError, match=STALE_ADVICE) as refused:
+        run_shard(shard_cfg(tmp_path, out))
+    assert "1 of 20 kept samples differ" in str(refused.value)
+    assert "000000007 (caption differs)" in str(refused.value)
     assert_nothing_published(out)
 
 

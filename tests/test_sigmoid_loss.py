@@ -230,3 +230,41 @@ def test_bias_config_round_trips_and_old_configs_load() -> None:
         create_model("tiny-vit", init_logit_bias=float("nan"))
     with pytest.raises(ModelConfigError, match="init_logit_scale"):
         create_model("tiny-vit", init_logit_scale="ln 10")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the trainer with train.loss: siglip
+
+
+def test_siglip_run_trains_the_bias_resumes_and_refuses_another_loss(tmp_path: Path, monkeypatch) -> None:
+    """train.loss=siglip end to end through clip.train.stage: the model gets the paper's start (t = 10, b = -10),
+    the bias is learned (it moves), the default run folder is the siglip one, a rerun is a finished run, and a
+    clip-loss run pointed at its folder is refused (the model would lack the bias)."""
+    from clip.config import load_config
+    from clip.formats.checkpoint import default_run_location
+    from clip.formats.manifest import read_manifest
+    from clip.train import stage
+    from tests.support.shards import make_shards
+    from tests.support.train_config import tiny_overrides
+
+    make_shards(tmp_path / "shards", n=64, per_shard=32)
+    monkeypatch.chdir(tmp_path)  # the default run folder is relative (models/runs/...)
+    cfg = load_config(None, tiny_overrides(str(tmp_path / "shards"), "null", **{"train.loss": "siglip"}))
+    assert cfg.train.output is None
+    version = read_manifest(str(tmp_path / "shards")).data_version
+    where = default_run_location(cfg.train.model, version, loss="siglip")
+    assert "-siglip-" in where and where != default_run_location(cfg.train.model, version)
+
+    result = stage.run(cfg.train, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking)
+    assert math.isfinite(result.metrics["final_loss"]) and result.metrics["trained_steps_this_run"] > 0
+    final = torch.load(tmp_path / where / "final.pt", weights_only=True)
+    assert final["model_config"]["init_logit_bias"] == -10.0
+    assert final["model_config"]["init_logit_scale"] == pytest.approx(math.log(10))
+    assert float(final["model"]["logit_bias"]) != -10.0  # learned
+    written = (tmp_path / where / "final.pt").stat().st_mtime_ns
+    again = stage.run(cfg.train, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking)
+    assert again.metrics == result.metrics  # the finished run, reported as it was written
+    assert (tmp_path / where / "final.pt").stat().st_mtime_ns == written
+    as_clip = cfg.train.model_copy(update={"loss": "clip", "output": where})
+    with pytest.raises(ValueError, match="train.loss"):
+        stage.run(as_clip, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking)

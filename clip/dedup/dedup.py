@@ -57,6 +57,7 @@ class DedupResult(StageResult):
     keys: list[str]
     shards: list[str]
     sha256: list[str]  # image sha256 from each sample's raw JSON (keep.parquet carries it, the shard stage checks it)
+    caption_digest: list[str]  # clip.formats.raw.caption_digest of each caption (checked the same way)
     reason: list[str | None]  # None: kept
     duplicate_of: list[str | None]
     overlap_report: dict[str, dict[str, Any]]
@@ -213,17 +214,18 @@ def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
     survivor: list[str | None] = [None if d < 0 else keys[d] for d in duplicate_of.tolist()]
     for idx, match in eval_match.items():
         survivor[idx] = match
-    return DedupResult(keys=keys, shards=pool.shard_list(), sha256=pool.sha256_hex(), reason=reason_text,
+    return DedupResult(keys=keys, shards=pool.shard_list(), sha256=pool.sha256_hex(),
+                       caption_digest=pool.caption_digest_hex(), reason=reason_text,
                        duplicate_of=survivor, overlap_report=overlap.report, metrics=metrics)
 
 
 def write_outputs(result: DedupResult, output_dir: str, storage_cfg: StorageConfig | None = None) -> dict[str, str]:
     """keep.parquet, removed.parquet, overlap_report.json under `output_dir` (clip.formats.dedup; each atomic)."""
     kept = result.kept_indices()
-    # sha256 ties the keep-list to the raw pool it was computed from: keys are positional and a collect rerun
-    # reuses them for other images, so the shard stage refuses a keep-list whose sha256s the raw JSON contradicts.
+    # sha256 and the caption digest tie the keep-list to the raw pool it was computed from: keys are positional and
+    # a collect rerun reuses them for other pairs, so the shard stage refuses a keep-list the raw JSON contradicts.
     keep_uri = write_keep_list(output_dir, [result.keys[i] for i in kept], [result.shards[i] for i in kept],
-                               [result.sha256[i] for i in kept], storage_cfg)
+                               [result.sha256[i] for i in kept], [result.caption_digest[i] for i in kept], storage_cfg)
     removed = [i for i, r in enumerate(result.reason) if r is not None]
     removed_uri = write_removed_list(output_dir, [result.keys[i] for i in removed],
                                      [result.reason[i] for i in removed], [result.duplicate_of[i] for i in removed],

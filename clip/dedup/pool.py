@@ -2,14 +2,16 @@
 
 Only each sample's `{key}.json` is read (clip.formats.raw): it carries the sha256 of the JPEG bytes, the 64-bit
 pHash, the colour signature, the image size and the caption, which is all dedup needs. The pool is held as
-fixed-width columns, about 260 bytes per sample whatever its size (`PoolMetadata.bytes_per_sample`):
+fixed-width columns, about 270 bytes per sample whatever its size (`PoolMetadata.bytes_per_sample`):
 
     phash     [n] uint64                 sha256      [n, 32] uint8         color     [n, 192] uint8
     has_color [n] bool                   area        [n] int64             shard     [n] int32 (into shard_names)
     caption   [n] uint64 (hash of the normalised caption)                  keys      [n] bytes (S<w>, UTF-8)
+    caption_digest [n] uint64 (clip.formats.raw.caption_digest of the exact caption)
 
-Captions are kept only as a 64-bit BLAKE2b hash of their normalised form (`normalize_caption`), which is all the
-caption + image pass compares (a collision would also need equal image bytes to matter).
+Captions are kept only as 64-bit BLAKE2b hashes: of their normalised form (`normalize_caption`), which is all the
+caption + image pass compares (a collision would also need equal image bytes to matter), and of the exact text,
+which keep.parquet carries so that the shard stage catches a collect rerun that changed only captions.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from clip import storage
 from clip.config import StorageConfig
 from clip.formats.errors import FormatError
-from clip.formats.raw import COLOR_LENGTH, list_raw_shards, read_raw_shard_metadata
+from clip.formats.raw import COLOR_LENGTH, caption_digest, list_raw_shards, read_raw_shard_metadata
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ class PoolMetadata:
     phash: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))  # [n]
     area: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # [n] width * height
     caption: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))  # [n] caption_hash
+    # [n] the exact caption's clip.formats.raw.caption_digest as a number (keep.parquet carries it as hex)
+    caption_digest: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
     color: np.ndarray = field(default_factory=lambda: np.empty((0, COLOR_LENGTH), dtype=np.uint8))  # [n, 192]
     has_color: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))  # [n] False: not in the JSON
     shard_names: list[str] = field(default_factory=list)  # raw shard file names (not URIs)
@@ -87,6 +91,9 @@ class PoolMetadata:
     def sha256_hex(self) -> list[str]:
         return [row.hex() for row in map(bytes, self.sha256)]
 
+    def caption_digest_hex(self) -> list[str]:
+        return [f"{value:016x}" for value in self.caption_digest.tolist()]
+
     def phash_array(self) -> np.ndarray:
         return self.phash
 
@@ -95,8 +102,8 @@ class PoolMetadata:
 
     def column_bytes(self) -> int:
         """Bytes held by the per-sample columns."""
-        columns = (self.keys, self.shard, self.sha256, self.phash, self.area, self.caption, self.color,
-                   self.has_color)
+        columns = (self.keys, self.shard, self.sha256, self.phash, self.area, self.caption, self.caption_digest,
+                   self.color, self.has_color)
         return int(sum(c.nbytes for c in columns))
 
     def bytes_per_sample(self) -> float:
@@ -123,6 +130,8 @@ class _ShardColumns:
         self.phash = np.array([m["phash_int"] for m in metas], dtype=np.uint64)
         self.area = np.array([int(m["width"]) * int(m["height"]) for m in metas], dtype=np.int64)
         self.caption = np.array([caption_hash(str(m.get("caption", ""))) for m in metas], dtype=np.uint64)
+        self.caption_digest = np.array([int(caption_digest(str(m.get("caption", ""))), 16) for m in metas],
+                                       dtype=np.uint64)
         self.has_color = np.array([m["color_bytes"] is not None for m in metas], dtype=bool)
         color = bytearray(n * COLOR_LENGTH)
         for i, m in enumerate(metas):
@@ -150,7 +159,7 @@ def read_pool_metadata(input_uri: str, storage_cfg: StorageConfig | None = None,
     if parts:
         keys: list[bytes] = [k for p in parts for k in p.keys]
         pool.keys = np.array(keys, dtype=f"S{max([len(k) for k in keys], default=1) or 1}")
-        for name in ("shard", "sha256", "phash", "area", "caption", "color", "has_color"):
+        for name in ("shard", "sha256", "phash", "area", "caption", "caption_digest", "color", "has_color"):
             setattr(pool, name, np.concatenate([getattr(p, name) for p in parts]))
             for p in parts:  # free each shard's piece as soon as it is copied
                 setattr(p, name, None)

@@ -73,11 +73,13 @@ def checkpoint_meta(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {key: checkpoint[key] for key in META_KEYS if key in checkpoint}
 
 
-def default_run_location(model: str, data_version: str, runs_dir: str = RUNS_DIR) -> str:
-    """`models/runs/<model>-<data_version[:12]>`: new data starts a new run by itself, the same data resumes."""
+def default_run_location(model: str, data_version: str, runs_dir: str = RUNS_DIR, loss: str = "clip") -> str:
+    """`models/runs/<model>-<data_version[:12]>` (`<model>-<loss>-<...>` for a loss other than clip): new data
+    starts a new run by itself, the same data resumes, and a run with another loss is another run."""
     from clip import storage
 
-    return storage.join(runs_dir, f"{model}-{data_version[:12]}")
+    name = model if loss == "clip" else f"{model}-{loss}"
+    return storage.join(runs_dir, f"{name}-{data_version[:12]}")
 
 
 def step_name(step: int) -> str:

@@ -36,6 +36,7 @@ class KeepList:
     uri: str
     shard_of: dict[str, str]  # kept key -> raw shard name
     sha256_of: dict[str, str]  # kept key -> image sha256 from the raw JSON when dedup ran
+    caption_of: dict[str, str]  # kept key -> clip.formats.raw.caption_digest of its caption when dedup ran
 
     @property
     def path(self) -> str:  # the location, as error messages name it
@@ -49,14 +50,16 @@ def _write_parquet(table: pa.Table, uri: str, storage_cfg: StorageConfig | None)
 
 
 def write_keep_list(output_dir: str, keys: Sequence[str], shards: Sequence[str], sha256: Sequence[str],
-                    storage_cfg: StorageConfig | None = None) -> str:
-    """Write keep.parquet (rows sorted by key); returns its URI."""
+                    caption_digests: Sequence[str], storage_cfg: StorageConfig | None = None) -> str:
+    """Write keep.parquet (rows sorted by key; `caption_digests`: clip.formats.raw.caption_digest of each
+    caption); returns its URI."""
     order = sorted(range(len(keys)), key=lambda i: keys[i])
     uri = storage.join(output_dir, KEEP_NAME)
     _write_parquet(pa.table({
         "key": pa.array([keys[i] for i in order], pa.string()),
         "shard": pa.array([shards[i] for i in order], pa.string()),
         "sha256": pa.array([sha256[i] for i in order], pa.string()),
+        "caption_digest": pa.array([caption_digests[i] for i in order], pa.string()),
     }), uri, storage_cfg)
     return uri
 
@@ -97,20 +100,22 @@ def _read_parquet(uri: str, storage_cfg: StorageConfig | None) -> pa.Table:
 
 
 def read_keep_list(dedup_dir: str, input_dir: str, storage_cfg: StorageConfig | None = None) -> KeepList:
-    """dedup's keep.parquet; refused when it has no `sha256` column (written before keep-lists carried one, so it
-    cannot be checked against the raw pool in `input_dir`)."""
+    """dedup's keep.parquet; refused when it has no `sha256` or `caption_digest` column (written before keep-lists
+    carried them, so it cannot be checked against the raw pool in `input_dir`)."""
     uri = storage.join(dedup_dir, KEEP_NAME)
     table = _read_parquet(uri, storage_cfg)
     missing = [c for c in ("key", "shard") if c not in table.column_names]
     if missing:
         raise FormatError(f"{uri} lacks column(s) {missing} (see docs/formats.md \"Dedup output\")")
-    if "sha256" not in table.column_names:
-        raise StaleInputError(f"{uri} does not match the raw pool in {input_dir}: rerun `clip-pipeline dedup` "
-                              "(it has no sha256 column: an older dedup wrote it, so it cannot be verified)")
+    for column in ("sha256", "caption_digest"):
+        if column not in table.column_names:
+            raise StaleInputError(f"{uri} does not match the raw pool in {input_dir}: rerun `clip-pipeline dedup` "
+                                  f"(it has no {column} column: an older dedup wrote it, so it cannot be verified)")
     keys = table.column("key").to_pylist()
     return KeepList(uri=uri,
                     shard_of=dict(zip(keys, table.column("shard").to_pylist(), strict=True)),
-                    sha256_of=dict(zip(keys, table.column("sha256").to_pylist(), strict=True)))
+                    sha256_of=dict(zip(keys, table.column("sha256").to_pylist(), strict=True)),
+                    caption_of=dict(zip(keys, table.column("caption_digest").to_pylist(), strict=True)))
 
 
 def read_removed_list(dedup_dir: str, storage_cfg: StorageConfig | None = None) -> pa.Table:

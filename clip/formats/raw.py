@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -148,14 +149,24 @@ def parse_sample_json(raw: bytes, shard: str, key: str) -> dict[str, Any]:
     return meta
 
 
-def sample_json_sha256(raw: bytes) -> str | None:
-    """The `sha256` field of a raw sample's JSON member, or None when the member is unreadable or lacks it."""
+def caption_digest(caption: str) -> str:
+    """16 hex digits: BLAKE2b-64 of the caption's UTF-8 bytes exactly as stored (keep.parquet's `caption_digest`,
+    which the shard stage compares with the raw JSON so that a collect rerun that changed only captions is caught)."""
+    return hashlib.blake2b(caption.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def sample_json_digests(raw: bytes) -> tuple[str | None, str | None]:
+    """(the `sha256` field, `caption_digest` of the `caption` field) of a raw sample's JSON member; None for a
+    value the member lacks or when it is unreadable."""
     try:
         meta = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    value = meta.get("sha256") if isinstance(meta, dict) else None
-    return str(value) if value is not None else None
+        return None, None
+    if not isinstance(meta, dict):
+        return None, None
+    sha256, caption = meta.get("sha256"), meta.get("caption")
+    return (str(sha256) if sha256 is not None else None,
+            caption_digest(caption) if isinstance(caption, str) else None)
 
 
 def list_raw_shards(input_uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:

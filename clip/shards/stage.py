@@ -77,9 +77,10 @@ def run(
     if not keep:
         raise ValueError(f"{keep_list.path} has no samples: nothing to shard")
     raw = local_raw_shards(cfg.input_dir, set(keep.values()), cfg.staging_dir, storage)
-    # Every kept key's raw JSON must still carry the image sha256 dedup saw; otherwise nothing is written.
+    # Every kept key's raw JSON must still carry the image sha256 and caption dedup saw; else nothing is written.
     index = index_raw_members(raw, keep, for_task(progress, "indexing raw shards"),
-                              expected_sha256=keep_list.sha256_of, keep_path=keep_list.path, input_dir=cfg.input_dir)
+                              expected_sha256=keep_list.sha256_of, expected_caption=keep_list.caption_of,
+                              keep_path=keep_list.path, input_dir=cfg.input_dir)
     plans = plan_shards(shuffled_keys(list(keep), cfg.seed), index, cfg.samples_per_shard, cfg.max_shard_bytes)
     indexed_s = time.monotonic() - start
 

@@ -28,7 +28,7 @@ import numpy as np
 from clip.formats.dedup import KEEP_NAME
 from clip.formats.errors import MissingInputError, StaleInputError
 from clip.formats.manifest import shard_name
-from clip.formats.raw import SAMPLE_MEMBERS, sample_json_sha256
+from clip.formats.raw import SAMPLE_MEMBERS, sample_json_digests
 from clip.formats.shard_index import ShardIndex, index_name
 from clip.formats.tar import (
     DeterministicTarWriter,
@@ -91,14 +91,16 @@ def stale_keep_error(problems: dict[str, str], total: int, keep_path: str, input
 
 def index_raw_members(raw_paths: dict[str, Path], keep: dict[str, str],
                       progress: Callable[[int, int], None] | None = None,
-                      expected_sha256: dict[str, str] | None = None, keep_path: str = KEEP_NAME,
+                      expected_sha256: dict[str, str] | None = None,
+                      expected_caption: dict[str, str] | None = None, keep_path: str = KEEP_NAME,
                       input_dir: str = "the input") -> RawIndex:
     """Locate the jpg/txt/json members of every kept key.
 
     raw_paths: raw shard name -> local file; keep: kept key -> raw shard name (from keep.parquet).
-    expected_sha256: kept key -> image sha256 (keep.parquet's `sha256` column). When given, every kept key's
-    `{key}.json` is read and its `sha256` compared; any kept key that is missing from the raw pool or whose
-    sha256 differs makes the whole call raise StaleInputError (naming `keep_path`, `input_dir` and the first
+    expected_sha256: kept key -> image sha256 (keep.parquet's `sha256` column); expected_caption: kept key ->
+    caption digest (its `caption_digest` column). When given, every kept key's `{key}.json` is read and its
+    `sha256` (and caption digest) compared; any kept key that is missing from the raw pool or whose sha256 or
+    caption differs makes the whole call raise StaleInputError (naming `keep_path`, `input_dir` and the first
     such keys), before anything is written. Without it, a missing shard, sample or member raises naming the key.
     """
     verify = expected_sha256 is not None
@@ -116,14 +118,14 @@ def index_raw_members(raw_paths: dict[str, Path], keep: dict[str, str],
     samples: dict[str, SampleLocation] = {}
     for shard_idx, name in enumerate(names):
         found: dict[str, dict[str, MemberLocation]] = {}
-        json_sha256: dict[str, str | None] = {}
+        json_digests: dict[str, tuple[str | None, str | None]] = {}  # key -> (image sha256, caption digest)
         keys = wanted[name]
         for member, read in index_tar_members(raw_paths[name]):  # headers only, data skipped
             key, ext = split_member_name(member.name)
             if key in keys and ext in SAMPLE_MEMBERS:
                 found.setdefault(key, {})[ext] = MemberLocation(member.offset, member.size)
                 if verify and ext == "json":  # a few hundred bytes; images are never read
-                    json_sha256[key] = sample_json_sha256(read())
+                    json_digests[key] = sample_json_digests(read())
         for key in keys:
             members = found.get(key, {})
             missing = [ext for ext in SAMPLE_MEMBERS if ext not in members]
@@ -133,10 +135,12 @@ def index_raw_members(raw_paths: dict[str, Path], keep: dict[str, str],
                     problems[key] = f"not in raw shard {name}"
                 elif missing:
                     problems[key] = f"lacks member(s) {', '.join(missing)} in raw shard {name}"
-                elif json_sha256.get(key) is None:
+                elif json_digests.get(key, (None, None))[0] is None:
                     problems[key] = f"{key}.json in raw shard {name} has no readable sha256"
-                elif json_sha256[key] != expected_sha256.get(key):
+                elif json_digests[key][0] != expected_sha256.get(key):
                     problems[key] = "image sha256 differs"
+                elif expected_caption is not None and json_digests[key][1] != expected_caption.get(key):
+                    problems[key] = "caption differs"
                 if key in problems:
                     continue
             elif missing:

@@ -81,7 +81,7 @@ def run_location(cfg: TrainConfig, storage: StorageConfig) -> str:
     `train.data` names (through its pointer; `pin_data_version` first to keep that choice fixed)."""
     if cfg.output is not None:
         return cfg.output
-    return default_run_location(cfg.model, read_manifest(cfg.data, storage).data_version)
+    return default_run_location(cfg.model, read_manifest(cfg.data, storage).data_version, loss=cfg.loss)
 
 
 def pin_data_version(cfg: TrainConfig, storage: StorageConfig) -> TrainConfig:
@@ -119,7 +119,8 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
     data_location = str(broadcast_object(resolve_data_location(cfg.data, storage) if info.is_main else None, info))
     manifest = read_manifest(data_location, storage)
     if cfg.output is None:  # the run of this model on this data version: new data, new run; same data, resume
-        cfg = cfg.model_copy(update={"output": default_run_location(cfg.model, manifest.data_version)})
+        cfg = cfg.model_copy(update={"output": default_run_location(cfg.model, manifest.data_version,
+                                                                      loss=cfg.loss)})
     schedule = plan_schedule(cfg, sum(s.samples for s in manifest.shards), info.world_size)
     point = find_resume_point(cfg, storage, manifest.data_version, schedule, info)
     if point.is_final and point.start_step == schedule.total_steps:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from clip.formats.raw import caption_digest
 from clip.imagehash import phash_hex
 from tests.support.images import COLOURS, SHAPES, jpeg_bytes, make_image, random_scene
 
@@ -67,15 +68,17 @@ def write_unique_pool(folder: Path, num_samples: int, per_shard: int, seed: int 
 
 
 def write_keep(dedup_dir: Path, keep: dict[str, str], samples: dict[str, dict[str, bytes]]) -> None:
-    """A keep.parquet as the dedup stage writes it (key, shard, sha256 from each sample's raw JSON)."""
+    """A keep.parquet as the dedup stage writes it (key, shard, sha256 and caption digest from each sample's raw
+    JSON)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     dedup_dir.mkdir(parents=True, exist_ok=True)
     keys = sorted(keep)
     sha256 = [json.loads(samples[k]["json"])["sha256"] for k in keys]
-    pq.write_table(pa.table({"key": keys, "shard": [keep[k] for k in keys], "sha256": sha256}),
-                   dedup_dir / "keep.parquet")
+    captions = [caption_digest(json.loads(samples[k]["json"])["caption"]) for k in keys]
+    pq.write_table(pa.table({"key": keys, "shard": [keep[k] for k in keys], "sha256": sha256,
+                             "caption_digest": captions}), dedup_dir / "keep.parquet")
 
 
 # ------------------------------------------------------------------------------------------------------
