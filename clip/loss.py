@@ -129,6 +129,18 @@ def gather_features(
     )
 
 
+def check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    """ValueError unless both are [n, D] of one shape (the contract of every loss here)."""
+    if image_features.ndim != 2 or text_features.ndim != 2:
+        raise ValueError(
+            f"features must be [n, D]; got image {tuple(image_features.shape)}, text {tuple(text_features.shape)}"
+        )
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"image and text features differ in shape: {tuple(image_features.shape)} vs {tuple(text_features.shape)}"
+        )
+
+
 class ClipLoss(nn.Module):
     """Symmetric cross-entropy over image-text similarities; distributed when a process group is up."""
 
@@ -156,14 +168,7 @@ class ClipLoss(nn.Module):
         if logit_bias is not None:
             raise ValueError("ClipLoss (train.loss=clip) takes no logit_bias: the softmax loss has no bias; a model "
                              "with a logit bias trains with train.loss=siglip")
-        if image_features.ndim != 2 or text_features.ndim != 2:
-            raise ValueError(
-                f"features must be [N, D]; got image {tuple(image_features.shape)}, text {tuple(text_features.shape)}"
-            )
-        if image_features.shape != text_features.shape:
-            raise ValueError(
-                f"image and text features differ in shape: {tuple(image_features.shape)} vs {tuple(text_features.shape)}"
-            )
+        check_features(image_features, text_features)
         rank, world_size = _distributed_world()
         local_n = image_features.shape[0]
         if world_size == 1:

@@ -48,6 +48,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from clip.loss import check_features
+
 # Model overrides (`create_model(name, **SIGLIP_INIT)`, CLIPConfig fields) for the paper's initialisation.
 SIGLIP_INIT: dict[str, float] = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
 
@@ -101,14 +103,7 @@ class SigLipLoss(nn.Module):
                 logit_bias: torch.Tensor | None) -> torch.Tensor:
         """image_features, text_features [n, D] (this rank's rows, L2-normalised); logit_scale t and
         logit_bias b: [] -> this rank's value [] (see the module docstring: its mean over ranks is the loss)."""
-        if image_features.ndim != 2 or text_features.ndim != 2:
-            raise ValueError(
-                f"features must be [n, D]; got image {tuple(image_features.shape)}, text {tuple(text_features.shape)}"
-            )
-        if image_features.shape != text_features.shape:
-            raise ValueError(
-                f"image and text features differ in shape: {tuple(image_features.shape)} vs {tuple(text_features.shape)}"
-            )
+        check_features(image_features, text_features)
         if image_features.shape[0] == 0:
             raise ValueError("the sigmoid loss needs at least one pair per rank, got 0 rows")
         if logit_bias is None:
