@@ -133,7 +133,7 @@ def check_features(image_features: torch.Tensor, text_features: torch.Tensor) ->
     """ValueError unless both are [n, D] of one shape (the contract of every loss here)."""
     if image_features.ndim != 2 or text_features.ndim != 2:
         raise ValueError(
-            f"features must be [n, D]; got image {tuple(image_features.shape)}, text {tuple(text_features.shape)}"
+            f"features must be [N, D]; got image {tuple(image_features.shape)}, text {tuple(text_features.shape)}"
         )
     if image_features.shape != text_features.shape:
         raise ValueError(

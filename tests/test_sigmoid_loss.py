@@ -113,7 +113,7 @@ def test_bad_inputs_are_refused() -> None:
     scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
     with pytest.raises(ValueError, match="differ in shape"):
         SigLipLoss()(torch.randn(4, 3), torch.randn(5, 3), scale, bias)
-    with pytest.raises(ValueError, match=r"\[n, D\]"):
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
         SigLipLoss()(torch.randn(4), torch.randn(4), scale, bias)
     with pytest.raises(ValueError, match="init_logit_bias"):
         SigLipLoss()(torch.randn(4, 3), torch.randn(4, 3), scale, None)
