@@ -94,7 +94,10 @@ def _read_parquet(uri: str, storage_cfg: StorageConfig | None) -> pa.Table:
     except FileNotFoundError:
         raise MissingInputError(f"{uri} does not exist (run the dedup stage first)") from None
     try:
-        return pq.read_table(pa.BufferReader(raw))
+        # use_threads=False: a read on Arrow's thread pool starts a pool thread; when the process exits right after
+        # (a stage refusing its input), Arrow's teardown can race that new thread and abort the interpreter
+        # ("terminate called without an active exception", seen once in test_cli under load)
+        return pq.read_table(pa.BufferReader(raw), use_threads=False)
     except pa.ArrowInvalid as exc:
         raise FormatError(f"{uri} is not a Parquet file ({exc})") from None
 
