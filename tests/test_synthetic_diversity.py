@@ -20,8 +20,9 @@ from PIL import Image
 from clip import synthetic
 from clip.collect.images import encode_image
 from clip.config import DedupConfig, FetchConfig
-from clip.dedup.color import color_signature, signature_distance
+from clip.dedup.color import signature_distance
 from clip.dedup.neardup import cluster_labels
+from clip.formats.raw import color_signature
 
 POOL_SIZE = 4096  # the embedded default's collect.synthetic.num_samples
 IMAGE_SIZE = 64  # ... and its collect.synthetic.image_size

@@ -23,12 +23,10 @@ from PIL import Image
 
 from clip.config import StorageConfig
 from clip.dedup.pool import PoolMetadata
-from clip.formats.raw import COLOR_LENGTH, color_signature, iter_raw_images
+from clip.formats.raw import color_signature, iter_raw_images
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_LENGTH = COLOR_LENGTH
-__all__ = ["SIGNATURE_LENGTH", "PoolColors", "color_signature", "signature_distance"]
 
 
 def signature_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:

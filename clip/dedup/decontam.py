@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from clip.dedup.color import SIGNATURE_LENGTH, color_signature
 from clip.dedup.neardup import find_cross_pairs
 from clip.formats.errors import MissingInputError
+from clip.formats.raw import COLOR_LENGTH, color_signature
 from clip.imagehash import phash64
 from clip.synthetic import EVAL_SET_NAMES, generate_eval_set
 
@@ -42,7 +42,7 @@ class EvalSet:
     ids: list[str]
     hashes: np.ndarray  # [rows] uint64
     source: str  # folder path or "synthetic"
-    signatures: np.ndarray = field(default_factory=lambda: np.empty((0, SIGNATURE_LENGTH), np.float32))  # [rows, 192]
+    signatures: np.ndarray = field(default_factory=lambda: np.empty((0, COLOR_LENGTH), np.float32))  # [rows, 192]
     unreadable: list[str] = field(default_factory=list)
     image_of: np.ndarray | None = None  # [rows] int64; None: one row per image
     color_check: bool = True
@@ -145,7 +145,7 @@ def registry_keys(names: list[str]) -> list[str]:
 
 
 def _stack(signatures: list[np.ndarray]) -> np.ndarray:
-    return np.stack(signatures) if signatures else np.empty((0, SIGNATURE_LENGTH), np.float32)
+    return np.stack(signatures) if signatures else np.empty((0, COLOR_LENGTH), np.float32)
 
 
 def synthetic_eval_sets(image_size: int, seed: int = SYNTHETIC_EVAL_SEED,

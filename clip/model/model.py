@@ -24,6 +24,13 @@ from clip.model.transformer import Transformer
 from clip.model.vision import ModifiedResNet, VisionTransformer
 
 LOGIT_SCALE_MAX = 100.0
+TEXT_TRIM_MULTIPLE = 8  # the trimmed text length is rounded up to this (steadier shapes for the kernels)
+
+
+def trimmed_text_length(last_eot: int, context_length: int) -> int:
+    """Positions the text tower runs for a batch whose last end-of-text token is at `last_eot`: up to it, rounded
+    up to TEXT_TRIM_MULTIPLE, at most the context length (exact: attention is causal)."""
+    return min(context_length, -(-(last_eot + 1) // TEXT_TRIM_MULTIPLE) * TEXT_TRIM_MULTIPLE)
 
 
 @dataclass
@@ -153,7 +160,7 @@ class CLIP(nn.Module):
                 bad = max_id if max_id >= self.vocab_size else min_id
                 raise ValueError(f"token id {bad} out of range for vocab_size {self.vocab_size}")
             if self.trim_text_padding:
-                used = min(tokens.shape[1], -(-(last_eot + 1) // 8) * 8)
+                used = trimmed_text_length(last_eot, tokens.shape[1])
                 tokens = tokens[:, :used]
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # [N, L, W]
         x = self.transformer.forward_pooled(x, eot, causal=True)  # [N, W]

@@ -32,14 +32,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from clip.model.model import LOGIT_SCALE_MAX
+from clip.model.model import LOGIT_SCALE_MAX, trimmed_text_length
 from clip.train.distributed import DistInfo, all_reduce_
 from clip.train.gpu_decode import gpu_decode_batch
 from clip.train.loader import Batch
 from clip.train.state import TrainState
 from clip.train.wrap import Wrapped
-
-TEXT_TRIM_MULTIPLE = 8  # the text tower runs up to the batch's last end-of-text token, rounded up to this
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,7 +68,7 @@ def device_inputs(batch: Batch, image_size: int, device: torch.device, *, vocab_
     no decoder can read is dropped, its caption with it (never replaced by another image).
 
     `vocab_size`: the token ids are checked against it on the host (ValueError naming the bad id) and
-    `trim_text` cuts the padding after the batch's last end-of-text token (rounded up to TEXT_TRIM_MULTIPLE,
+    `trim_text` cuts the padding after the batch's last end-of-text token (clip.model.model.trimmed_text_length,
     exact: attention is causal), both before the transfer, so the model needs no host sync for them
     (the model's `tokens_checked`)."""
     tokens = batch.tokens
@@ -96,7 +94,7 @@ def _checked_host_tokens(tokens: torch.Tensor, vocab_size: int, trim: bool) -> t
     if not trim:
         return tokens
     last_eot = int(ids.argmax(axis=-1).max())  # end-of-text is the highest id
-    used = min(ids.shape[1], -(-(last_eot + 1) // TEXT_TRIM_MULTIPLE) * TEXT_TRIM_MULTIPLE)
+    used = trimmed_text_length(last_eot, ids.shape[1])
     return tokens[:, :used]
 
 
@@ -128,25 +126,14 @@ def accumulate_gradients(wrapped: Wrapped, loss_fn: torch.nn.Module, images: tor
     are live); it is the last one, the synced backward, so DDP sees every parameter used there.
     `poison` makes the loss NaN (debug.fault_nonfinite_steps)."""
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    nan = float("nan")
-    if accum_steps == 1:
-        with autocast:
-            out = wrapped.forward_module(images, tokens)
-        # The logits and the loss in fp32, outside the autocast region (autocast would run the matmul in bf16).
-        loss = _loss_of(loss_fn, out.image_features.float(), out.text_features.float(), out.logit_scale,
-                        getattr(out, "logit_bias", None))
-        if poison:
-            loss = loss * nan
-        loss.backward()
-        wrapped.sync_replicated_grads(info.world_size)
-        return loss.detach(), out.logit_scale.detach()
-
     image_parts, token_parts = images.tensor_split(accum_steps), tokens.tensor_split(accum_steps)
-    with torch.no_grad(), autocast:
-        cached = [wrapped.forward_module(i, t) for i, t in zip(image_parts, token_parts, strict=True)]
-    cached_image = torch.cat([o.image_features.float() for o in cached])  # [n, D]
-    cached_text = torch.cat([o.text_features.float() for o in cached])  # [n, D]
-    del cached
+    cached_image = cached_text = None  # [n, D] fp32: every micro-batch's features, without a graph (k > 1 only)
+    if accum_steps > 1:
+        with torch.no_grad(), autocast:
+            cached = [wrapped.forward_module(i, t) for i, t in zip(image_parts, token_parts, strict=True)]
+        cached_image = torch.cat([o.image_features.float() for o in cached])
+        cached_text = torch.cat([o.text_features.float() for o in cached])
+        del cached
     start = 0
     for j, (image_part, token_part) in enumerate(zip(image_parts, token_parts, strict=True)):
         stop = start + image_part.shape[0]
@@ -154,14 +141,17 @@ def accumulate_gradients(wrapped: Wrapped, loss_fn: torch.nn.Module, images: tor
         with wrapped.gradient_sync(last):
             with autocast:
                 out = wrapped.forward_module(image_part, token_part)
-            image = torch.cat([cached_image[:start], out.image_features.float(), cached_image[stop:]])  # [n, D]
-            text = torch.cat([cached_text[:start], out.text_features.float(), cached_text[stop:]])  # [n, D]
+            # The logits and the loss in fp32, outside the autocast region (autocast would run the matmul in bf16).
+            image, text = out.image_features.float(), out.text_features.float()  # [m, D] live rows
+            if cached_image is not None and cached_text is not None:  # splice them into the cache -> [n, D]
+                image = torch.cat([cached_image[:start], image, cached_image[stop:]])
+                text = torch.cat([cached_text[:start], text, cached_text[stop:]])
             bias = getattr(out, "logit_bias", None)
             scale = out.logit_scale if last else out.logit_scale.detach()
             bias = bias if (last or bias is None) else bias.detach()
             loss = _loss_of(loss_fn, image, text, scale, bias)
             if poison:
-                loss = loss * nan
+                loss = loss * float("nan")
             loss.backward()
         start = stop
     wrapped.sync_replicated_grads(info.world_size)
