@@ -260,6 +260,36 @@ def test_pooled_last_block_equals_full_forward(causal: bool) -> None:
     assert (pooled - expected).abs().max() < 1e-5
 
 
+def test_packed_pooled_equals_full_forward_and_skips_the_padding() -> None:
+    torch.manual_seed(0)
+    transformer = Transformer(width=64, layers=3, heads=4)
+    transformer.init_weights()
+    x = torch.randn(5, 11, 64)
+    index = torch.tensor([0, 10, 3, 7, 3])
+    rows_seen = []
+    hook = transformer.resblocks[0].mlp.register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[0]))
+    packed = transformer.forward_pooled_packed(x, index)
+    hook.remove()
+    expected = transformer(x, causal=True)[torch.arange(5), index]
+    assert (packed - expected).abs().max() < 1e-5
+    assert rows_seen == [int((index + 1).sum())]  # 26 of the 55 positions, not the whole padded batch
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_packed_text_encoding_equals_eager(name: str) -> None:
+    model = create_model(name).eval()
+    randomise_(model)
+    tokens = make_tokens(model, 8)
+    noisy = tokens.clone()
+    for row in range(len(noisy)):  # what follows a row's end-of-text token is never read
+        end = int(noisy[row].argmax())
+        noisy[row, end + 1 :] = torch.randint(1, model.vocab_size - 2, (noisy.shape[1] - end - 1,))
+    with torch.no_grad():
+        eager = model.encode_text(tokens)
+        for batch, expected in ((tokens, eager), (noisy, eager), (tokens[:1], eager[:1]), (tokens[2:5], eager[2:5])):
+            assert (model.encode_text(batch, packed=True) - expected).abs().max() < 1e-4
+
+
 def test_text_padding_trim_is_exact_and_padding_is_ignored() -> None:
     model = create_model("tiny-vit").eval()
     tokens = make_tokens(model, 8)

@@ -137,7 +137,7 @@ class CLIP(nn.Module):
         features = self.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False, packed: bool = False) -> torch.Tensor:
         """tokens [N, L<=context_length] -> features [N, embed_dim], pooled at the end-of-text token.
 
         Unnormalised by default, as OpenAI's CLIP and open_clip; `normalize=True` gives unit vectors.
@@ -146,6 +146,9 @@ class CLIP(nn.Module):
 
         A model whose `tokens_checked` attribute is True (the trainer sets it: clip.train.step.device_inputs checks
         the id range and trims the padding on the host, before the transfer) skips both here, so no host sync.
+
+        `packed=True` (inference) runs each caption's positions up to its end-of-text token only, not the padding
+        of the batch's longest one (`Transformer.forward_pooled_packed`); same result.
         """
         self._check_tokens(tokens)
         eot = tokens.argmax(dim=-1)  # [N]
@@ -163,7 +166,10 @@ class CLIP(nn.Module):
                 used = trimmed_text_length(last_eot, tokens.shape[1])
                 tokens = tokens[:, :used]
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # [N, L, W]
-        x = self.transformer.forward_pooled(x, eot, causal=True)  # [N, W]
+        if packed:
+            x = self.transformer.forward_pooled_packed(x, eot)  # [N, W]
+        else:
+            x = self.transformer.forward_pooled(x, eot, causal=True)  # [N, W]
         features = self.ln_final(x) @ self.text_projection  # [N, embed_dim]
         return F.normalize(features, dim=-1) if normalize else features
 

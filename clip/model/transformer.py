@@ -44,13 +44,16 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [N, L, 3W]
+        return self.out_proj(self.attend(qkv, causal))
+
+    def attend(self, qkv: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Projected q/k/v [N, L, 3W] -> attention output [N, L, W] (before `out_proj`)."""
+        batch, length, width = qkv.shape[0], qkv.shape[1], self.width
         # [N, L, 3, H, D] -> [3, N, H, L, D]: views only; SDPA accepts the strided q, k, v.
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [N, H, L, D]
-        out = out.transpose(1, 2).reshape(batch, length, width)  # [N, L, W]
-        return self.out_proj(out)
+        return out.transpose(1, 2).reshape(batch, length, width)  # [N, L, W]
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -78,6 +81,19 @@ class ResidualAttentionBlock(nn.Module):
         if pooled:
             return self._forward_one(x, index, causal)
         x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_packed(self, x: torch.Tensor, rows: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """Causal `forward` on packed rows: x [T, W] holds the positions `rows` ([T], flat indices into
+        [N * L]) of N sequences of length L. The per-position work (layer norms, projections, MLP) runs on
+        the T rows only; attention scatters q/k/v into [N, L, 3W] (zeros elsewhere) and gathers its output
+        back. Exact for every packed row as long as each sequence's packed positions are a prefix: causal
+        attention never reads a later position. Inference only: it bypasses module hooks."""
+        width = x.shape[1]
+        qkv = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)  # [T, 3W]
+        qkv = qkv.new_zeros(batch * length, 3 * width).index_copy(0, rows, qkv).view(batch, length, 3 * width)
+        out = self.attn.attend(qkv, causal=True).reshape(batch * length, width).index_select(0, rows)  # [T, W]
+        x = x + self.attn.out_proj(out)
         return x + self.mlp(self.ln_2(x))
 
     def _forward_one(self, x: torch.Tensor, index: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -137,6 +153,23 @@ class Transformer(nn.Module):
         for block in self.resblocks[:-1]:
             x = self._run(block, x, causal)
         return self.resblocks[-1](x, causal=causal, pooled=True, index=index)
+
+    def forward_pooled_packed(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """`forward_pooled(x, index, causal=True)` that skips the positions after each sequence's pooled one.
+
+        A causal pooled row at index i never depends on positions after i, so every block but the last runs
+        on the packed positions 0..index of each sequence only (`ResidualAttentionBlock.forward_packed`):
+        on a batch of captions of mixed length most of the padding's work is gone. Inference only (the
+        exported text encoder uses it); training keeps `forward_pooled`, whose hooks FSDP needs.
+        """
+        batch, length, width = x.shape
+        keep = torch.arange(length, device=x.device)[None, :] <= index[:, None]  # [N, L]
+        rows = keep.reshape(-1).nonzero().squeeze(1)  # [T]
+        packed = x.reshape(batch * length, width).index_select(0, rows)  # [T, W]
+        for block in self.resblocks[:-1]:
+            packed = block.forward_packed(packed, rows, batch, length)
+        x = packed.new_zeros(batch * length, width).index_copy(0, rows, packed).view(batch, length, width)
+        return self.resblocks[-1](x, causal=True, pooled=True, index=index)
 
     def _run(self, block: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
