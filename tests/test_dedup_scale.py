@@ -283,3 +283,37 @@ def test_brute_force_labels_agree_with_brute_force_pairs() -> None:
     expected = cluster_labels(hashes.size, brute_force_pairs(hashes, THRESHOLD))
     np.testing.assert_array_equal(brute_force_labels(hashes, THRESHOLD), expected)
     assert np.bincount(expected).max() >= 60
+
+
+def test_pool_without_stored_colour_finds_what_a_pool_with_it_finds(tmp_path: Path) -> None:
+    """In a long bucket run, a member that a leader's colour check refused stays and meets later leaders, so the
+    search needs colours the colour-free search never asks for. Hashes A, B, C (B 4 bits from A and from C, C 8
+    from A) lead a run of 70 unrelated hashes; B and C share a colour, A does not: B absorbs C. The old pool path
+    decoded only the samples a colour-free search matched (A, B), compared C with B on a zero signature and kept
+    both."""
+    threshold = DedupConfig().near_dup_threshold
+    fillers_mask = search_layout(73, threshold).key_masks[0]  # fillers differ only here: one run in every other key
+    rng = np.random.default_rng(5)
+    ends = [0, 0b1111, 0b11111111]
+    hashes = list(ends)
+    while len(hashes) < 73:
+        value = int(rng.integers(0, fillers_mask + 1)) & fillers_mask
+        if value not in hashes and all(bin(value ^ end).count("1") > threshold for end in ends):
+            hashes.append(value)
+    images = [Image.new("RGB", (64, 64), colour) for colour in ((200, 60, 60), (50, 50, 50), (50, 56, 50))]
+    images += [random_scene(rng) for _ in range(70)]
+
+    def pool(with_color: bool) -> list[RawSample]:
+        samples = []
+        for i, (value, image) in enumerate(zip(hashes, images, strict=True)):
+            sample = collected_sample(f"{i:09d}", image, f"caption {i}", with_color)
+            meta = {**sample.meta, "phash": f"{value:016x}"}
+            samples.append(RawSample(sample.key, sample.jpeg, sample.caption, meta))
+        return samples
+
+    write_pool(tmp_path / "new", pool(with_color=True), per_shard=25)
+    write_pool(tmp_path / "old", pool(with_color=False), per_shard=25)
+    stored = run(tmp_path / "new", tmp_path / "new_out")
+    legacy = run(tmp_path / "old", tmp_path / "old_out")
+    assert stored.reason[:3] == [None, None, "near_duplicate"] and stored.duplicate_of[2] == "000000001"
+    assert legacy.reason == stored.reason and legacy.duplicate_of == stored.duplicate_of

@@ -174,13 +174,17 @@ def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
     search_stats: dict[str, Any] = {}
     if cfg.near_duplicates:
         live = alive()
-        live_hashes = hashes[live]
-        if tolerance is not None and not pool.has_color[live].all():
-            # A pool written before the colour field: decode only the samples in some pHash match.
-            probe = find_near_duplicates(live_hashes, cfg.near_dup_threshold).labels(live.size)
-            colors.ensure(live[np.bincount(probe, minlength=live.size)[probe] > 1])
-        found = _near_duplicates(live_hashes, cfg, compute, dask, progress,
+        found = _near_duplicates(hashes[live], cfg, compute, dask, progress,
                                  None if tolerance is None else pool.color, live)
+        while tolerance is not None:
+            # A pool written before the colour field holds zeros for the missing signatures: decode the samples
+            # whose pHash matches were checked on one, and search again, until every check used a real one.
+            checked = live[np.unique(np.concatenate([found.edges, found.rejected]))]
+            missing = checked[~pool.has_color[checked]]
+            if missing.size == 0:
+                break
+            colors.ensure(missing)
+            found = _near_duplicates(hashes[live], cfg, compute, dask, progress, pool.color, live)
         near_pairs, color_rejected = int(found.edges.shape[0]), found.color_rejected
         search_stats = {**asdict(found.stats), "bound_per_sample": found.stats.bound_per_hash}
         counts["near_duplicate"] = _remove_groups(pool, live, found.labels(live.size),

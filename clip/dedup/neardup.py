@@ -298,8 +298,12 @@ class NearDuplicates:
     """Result of the bounded search: confirmed edges (their components are the near-duplicate clusters)."""
 
     edges: np.ndarray  # [m, 2] int64, i < j, unique: pHash within threshold and colour confirmed
-    color_rejected: int  # distinct pairs within the pHash threshold that the colour check refused
+    rejected: np.ndarray  # [r, 2] int64, i < j, unique: pHash within threshold, refused by the colour check
     stats: SearchStats
+
+    @property
+    def color_rejected(self) -> int:
+        return int(self.rejected.shape[0])
 
     def labels(self, num_items: int) -> np.ndarray:
         """[num_items] int64 component labels, label = smallest member index."""
@@ -457,7 +461,7 @@ def find_near_duplicates(hashes: Sequence[int] | np.ndarray, threshold: int, col
         stats.add(key_stats)
         if progress is not None:
             progress(done, layout.num_keys)
-    return NearDuplicates(_merge_codes(edges), int(_merge_codes(rejected).shape[0]), stats)
+    return NearDuplicates(_merge_codes(edges), _merge_codes(rejected), stats)
 
 
 def _partition_edges(index: np.ndarray, hashes: np.ndarray, mask: int, threshold: int, colors: np.ndarray | None,
@@ -497,7 +501,7 @@ def find_near_duplicates_dask(hashes: Sequence[int] | np.ndarray, threshold: int
             edges.append(found)
             rejected.append(refused)
             stats.add(part_stats)
-    return NearDuplicates(_merge_codes(edges), int(_merge_codes(rejected).shape[0]), stats)
+    return NearDuplicates(_merge_codes(edges), _merge_codes(rejected), stats)
 
 
 # ------------------------------------------------------------------------------------------------------------
