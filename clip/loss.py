@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _distributed_world() -> tuple[int, int]:
+def distributed_world() -> tuple[int, int]:
     """(rank, world_size) of the default group; (0, 1) when torch.distributed is not initialised."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -169,7 +169,7 @@ class ClipLoss(nn.Module):
             raise ValueError("ClipLoss (train.loss=clip) takes no logit_bias: the softmax loss has no bias; a model "
                              "with a logit bias trains with train.loss=siglip")
         check_features(image_features, text_features)
-        rank, world_size = _distributed_world()
+        rank, world_size = distributed_world()
         local_n = image_features.shape[0]
         if world_size == 1:
             logits_per_image = logit_scale * image_features @ text_features.T  # [N, N]

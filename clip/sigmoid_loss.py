@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from clip.loss import check_features
+from clip.loss import check_features, distributed_world
 
 # Model overrides (`create_model(name, **SIGLIP_INIT)`, CLIPConfig fields) for the paper's initialisation.
 SIGLIP_INIT: dict[str, float] = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
@@ -111,10 +111,7 @@ class SigLipLoss(nn.Module):
                 "the sigmoid loss needs a logit_bias: build the model with init_logit_bias set "
                 "(clip.sigmoid_loss.SIGLIP_INIT gives the paper's -10)"
             )
-        if dist.is_available() and dist.is_initialized():
-            rank, world_size = dist.get_rank(), dist.get_world_size()
-        else:
-            rank, world_size = 0, 1
+        rank, world_size = distributed_world()
         local_n = image_features.shape[0]
         loss = _block_loss(image_features, text_features, logit_scale, logit_bias, positives_on_diagonal=True)
         text_block = text_features

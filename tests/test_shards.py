@@ -283,6 +283,15 @@ def test_stale_keep_list_is_refused_before_writing(tmp_path: Path) -> None:
         assert sample["jpg"] == pool_b[sample["__key__"]]["jpg"]
 
 
+def replace_raw_pool(tmp_path: Path, samples: dict, first_shard_size: int) -> None:
+    """Rewrite tmp_path/raw as two raw shards of `samples` in key order: raw-00000.tar holds the first
+    `first_shard_size`, raw-00001.tar the rest (what a collect rerun leaves behind)."""
+    ordered = sorted(samples.items())
+    for name, part in (("raw-00000.tar", ordered[:first_shard_size]), ("raw-00001.tar", ordered[first_shard_size:])):
+        (written,) = write_raw_shards(tmp_path / f"new-{name}", part, per_shard=len(part))
+        written.replace(tmp_path / "raw" / name)
+
+
 def test_partly_changed_pool_names_exactly_the_changed_keys(tmp_path: Path) -> None:
     """One image replaced and one sample gone: both keys (and no other) are named, nothing is published."""
     samples = write_unique_pool(tmp_path / "raw", 20, 10, seed=12)
@@ -292,10 +301,7 @@ def test_partly_changed_pool_names_exactly_the_changed_keys(tmp_path: Path) -> N
     changed["000000013"] = sample_record("000000013", random_scene(np.random.default_rng(99), (64, 48)), "other")
     del changed["000000004"]
     # The new pool: raw-00000.tar holds keys 0..9 without 4, raw-00001.tar keys 10..19 (13 with another image).
-    ordered = sorted(changed.items())
-    for name, part in (("raw-00000.tar", ordered[:9]), ("raw-00001.tar", ordered[9:])):
-        (written,) = write_raw_shards(tmp_path / f"new-{name}", part, per_shard=len(part))
-        written.replace(tmp_path / "raw" / name)
+    replace_raw_pool(tmp_path, changed, first_shard_size=9)
     out = tmp_path / "shards"
     with pytest.raises(StaleInputError, match=STALE_ADVICE) as refused:
         run_shard(shard_cfg(tmp_path, out))
@@ -317,10 +323,7 @@ def test_collect_rerun_that_changed_only_captions_is_refused(tmp_path: Path) -> 
     meta["caption"] = "a caption written by another collect run"
     changed["000000007"] = {**samples["000000007"], "txt": meta["caption"].encode(),
                             "json": json.dumps(meta).encode()}
-    ordered = sorted(changed.items())
-    for name, part in (("raw-00000.tar", ordered[:10]), ("raw-00001.tar", ordered[10:])):
-        (written,) = write_raw_shards(tmp_path / f"new-{name}", part, per_shard=len(part))
-        written.replace(tmp_path / "raw" / name)
+    replace_raw_pool(tmp_path, changed, first_shard_size=10)
     out = tmp_path / "shards"
     with pytest.raises(StaleInputError, match=STALE_ADVICE) as refused:
         run_shard(shard_cfg(tmp_path, out))

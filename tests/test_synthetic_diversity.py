@@ -20,8 +20,7 @@ from PIL import Image
 from clip import synthetic
 from clip.collect.images import encode_image
 from clip.config import DedupConfig, FetchConfig
-from clip.dedup.color import signature_distance
-from clip.dedup.neardup import cluster_labels
+from clip.dedup.neardup import cluster_labels, color_distance
 from clip.formats.raw import color_signature
 
 POOL_SIZE = 4096  # the embedded default's collect.synthetic.num_samples
@@ -58,7 +57,7 @@ def _removed_as_near_duplicates(n: int, seed: int = 0) -> int:
         js = np.flatnonzero(np.bitwise_count(hashes[i] ^ hashes[i + 1:]) <= dedup_cfg.near_dup_threshold) + i + 1
         pairs.extend((i, int(j)) for j in js)
     pair_array = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    close = signature_distance(signatures[pair_array[:, 0]], signatures[pair_array[:, 1]])
+    close = color_distance(signatures[pair_array[:, 0]], signatures[pair_array[:, 1]])
     confirmed = pair_array[close <= dedup_cfg.color_tolerance]
     return n - len(np.unique(cluster_labels(n, confirmed)))
 

@@ -28,12 +28,6 @@ from clip.formats.raw import color_signature, iter_raw_images
 log = logging.getLogger(__name__)
 
 
-
-def signature_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Largest absolute difference between signatures, row-wise: a, b [k, 192] -> [k]."""
-    return np.abs(a.astype(np.float32) - b.astype(np.float32)).max(axis=-1)
-
-
 class PoolColors:
     """The pool's colour column, completed on demand for samples whose JSON lacks it (older pools)."""
 

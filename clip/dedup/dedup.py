@@ -28,7 +28,7 @@ import numpy as np
 
 from clip.compute import DaskRunner
 from clip.config import ComputeConfig, DedupConfig, StorageConfig
-from clip.dedup.color import PoolColors, signature_distance
+from clip.dedup.color import PoolColors
 from clip.dedup.decontam import (
     EvalSet,
     eval_set_names,
@@ -38,7 +38,7 @@ from clip.dedup.decontam import (
     registry_keys,
     synthetic_eval_sets,
 )
-from clip.dedup.neardup import NearDuplicates, find_near_duplicates, find_near_duplicates_dask
+from clip.dedup.neardup import NearDuplicates, color_distance, find_near_duplicates, find_near_duplicates_dask
 from clip.dedup.pool import PoolMetadata, normalize_caption
 from clip.formats.dedup import write_keep_list, write_overlap_report, write_removed_list
 from clip.progress import Progress, for_task
@@ -136,7 +136,7 @@ def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
 
     def confirm_eval(train_idx: np.ndarray, eval_signatures: np.ndarray) -> np.ndarray:
         assert tolerance is not None
-        return signature_distance(colors.get(train_idx), eval_signatures) <= tolerance
+        return color_distance(colors.get(train_idx), eval_signatures) <= tolerance
 
     n = len(pool)
     reason = np.full(n, _KEPT, dtype=np.int8)  # [n] index into REASONS, _KEPT when kept

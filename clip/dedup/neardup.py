@@ -75,7 +75,6 @@ _CROSS_CHUNK = 4_000_000  # candidate pairs expanded at once in the train-vs-eva
 SMALL_RUN = 64  # runs up to this length are compared all-pairs (exact)
 LEADER_ROUNDS = 64  # leader rounds per long run before its tail is windowed
 BOUND_PER_KEY = LEADER_ROUNDS + SMALL_RUN - 1  # comparisons one hash takes part in, at most, per key
-_TARGET_BUCKET = 16  # random hashes per bucket that search_layout aims below
 _MAX_KEYS = 256  # most keys (band combinations) search_layout accepts
 
 
@@ -114,7 +113,7 @@ class SearchLayout:
         return len(self.key_masks)
 
 
-def search_layout(num_hashes: int, threshold: int, agree: int | None = None) -> SearchLayout:
+def search_layout(num_hashes: int, threshold: int) -> SearchLayout:
     """The layout for `num_hashes` hashes: `agree` (k) minimising keys * (sort + expected random bucket).
 
     Cost model per hash and key: ~log2(n) for the sort plus the expected random bucket n / 2**key_bits.
@@ -126,8 +125,6 @@ def search_layout(num_hashes: int, threshold: int, agree: int | None = None) -> 
         masks = tuple(sum(_band_mask(*bands[b]) for b in chosen) for chosen in combinations(range(len(bands)), k))
         return SearchLayout(threshold, len(bands), k, masks)
 
-    if agree is not None:
-        return layout_for(agree)
     best, best_cost = 1, math.inf
     k = 1
     while threshold + k <= HASH_BITS and math.comb(threshold + k, k) <= _MAX_KEYS:
@@ -439,7 +436,7 @@ def _check_colors(hashes: np.ndarray, colors: np.ndarray | None, color_rows: np.
 
 def find_near_duplicates(hashes: Sequence[int] | np.ndarray, threshold: int, colors: np.ndarray | None = None,
                          tolerance: float | None = None, progress: Callable[[int, int], None] | None = None,
-                         layout: SearchLayout | None = None, color_rows: np.ndarray | None = None) -> NearDuplicates:
+                         color_rows: np.ndarray | None = None) -> NearDuplicates:
     """Near-duplicate edges with bounded work per hash (module docstring: bound and exactness).
 
     hashes: [n] uint64; colors: optional [rows, 192] uint8 colour signatures with `tolerance` (largest absolute
@@ -448,7 +445,7 @@ def find_near_duplicates(hashes: Sequence[int] | np.ndarray, threshold: int, col
     """
     hashes = as_hash_array(hashes)
     _check_colors(hashes, colors, color_rows, tolerance)
-    layout = layout or search_layout(hashes.size, threshold)
+    layout = search_layout(hashes.size, threshold)
     index = np.arange(hashes.size, dtype=np.int64)
     stats = SearchStats(num_keys=layout.num_keys, agree=layout.agree)
     edges: list[np.ndarray] = []

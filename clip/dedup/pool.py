@@ -94,12 +94,6 @@ class PoolMetadata:
     def caption_digest_hex(self) -> list[str]:
         return [f"{value:016x}" for value in self.caption_digest.tolist()]
 
-    def phash_array(self) -> np.ndarray:
-        return self.phash
-
-    def areas(self) -> np.ndarray:
-        return self.area
-
     def column_bytes(self) -> int:
         """Bytes held by the per-sample columns."""
         columns = (self.keys, self.shard, self.sha256, self.phash, self.area, self.caption, self.caption_digest,

@@ -23,8 +23,8 @@ What was chosen, and why:
   (`CLIP.encode_text(packed=True)`, `Transformer.forward_pooled_packed`): projections, layer norms and MLPs run
   on the T real positions of the batch ([T, W], a NonZero-sized axis), and attention scatters them into
   [B, L, 3W] and gathers its output back. Same argument of exactness (causal attention never reads a later
-  position). On a batch of captions of mixed length this halves the text encoder's work (BENCHMARKS.md: 2x
-  texts/s at batch 32 against the padded graph, same onnxruntime). The parity gate compares against the eager
+  position). On a batch of captions of mixed length this roughly halves the text encoder's work (BENCHMARKS.md:
+  1.5-1.8x texts/s at batch 32 against the padded graph, same onnxruntime). The parity gate compares against the eager
   padded path on captions of different lengths.
 - **Image features.** Besides the projected `embedding` the image model outputs `features`: the pooled
   representation that enters the last projection (ViT: `ln_post` of the class token, [B, width]; modified

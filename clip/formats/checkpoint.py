@@ -54,7 +54,7 @@ def checkpoint_meta_bytes(checkpoint: dict[str, Any], raw: bytes, name: str) -> 
     """The sidecar of the checkpoint `name` whose serialised bytes are `raw` (keys it lacks are left out)."""
     doc: dict[str, Any] = {"format": META_FORMAT, "checkpoint": name, "bytes": len(raw),
                            "sha256": hashlib.sha256(raw).hexdigest()}
-    doc.update({key: checkpoint[key] for key in META_KEYS if key in checkpoint})
+    doc.update(checkpoint_meta(checkpoint))
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
 
 
@@ -71,6 +71,12 @@ def parse_checkpoint_meta(raw: bytes, uri: str) -> dict[str, Any]:
 def checkpoint_meta(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The META_KEYS of a loaded checkpoint: what a sidecar holds, for a checkpoint read whole."""
     return {key: checkpoint[key] for key in META_KEYS if key in checkpoint}
+
+
+def meta_describes(meta: dict[str, Any], name: str, size: int | None) -> bool:
+    """Whether the parsed sidecar `meta` describes the checkpoint `name` of `size` bytes (None: size not
+    checked); False means it describes other bytes (replaced since), so the checkpoint itself is the authority."""
+    return meta["checkpoint"] == name and (size is None or meta["bytes"] == size)
 
 
 def default_run_location(model: str, data_version: str, runs_dir: str = RUNS_DIR, loss: str = "clip") -> str:

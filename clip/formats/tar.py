@@ -94,15 +94,23 @@ def _maybe_gunzip(f: IO[bytes]) -> IO[bytes]:
     return gzip.GzipFile(fileobj=stream, mode="rb") if head == _GZIP_MAGIC else stream  # type: ignore[return-value]
 
 
-def _read_exact(f: IO[bytes], n: int, member: str | None = None) -> bytes:
+def read_up_to(f: IO[bytes], n: int) -> bytes:
+    """`n` bytes, or fewer only at the end of the stream (raw readers may return short reads)."""
     chunks, left = [], n
     while left > 0:
         data = f.read(left)
         if not data:
-            raise TruncatedTarError(f"tar ended {left} bytes early", member)
+            break
         chunks.append(data)
         left -= len(data)
     return b"".join(chunks)
+
+
+def _read_exact(f: IO[bytes], n: int, member: str | None = None) -> bytes:
+    data = read_up_to(f, n)
+    if len(data) < n:
+        raise TruncatedTarError(f"tar ended {n - len(data)} bytes early", member)
+    return data
 
 
 def _skip(f: IO[bytes], n: int, member: str) -> None:

@@ -33,6 +33,14 @@ def trimmed_text_length(last_eot: int, context_length: int) -> int:
     return min(context_length, -(-(last_eot + 1) // TEXT_TRIM_MULTIPLE) * TEXT_TRIM_MULTIPLE)
 
 
+def check_token_range(max_id: int, min_id: int, vocab_size: int) -> None:
+    """ValueError naming the offending id when a batch's token ids (its highest `max_id`, lowest `min_id`) fall
+    outside [0, vocab_size)."""
+    if max_id >= vocab_size or min_id < 0:
+        bad = max_id if max_id >= vocab_size else min_id
+        raise ValueError(f"token id {bad} out of range for vocab_size {vocab_size}")
+
+
 @dataclass
 class CLIPOutput:
     image_features: torch.Tensor  # [N, embed_dim], unit norm
@@ -159,9 +167,7 @@ class CLIP(nn.Module):
             max_id, min_id, last_eot = torch.stack(
                 [tokens.max().long(), tokens.min().long(), eot.max()]
             ).tolist()
-            if max_id >= self.vocab_size or min_id < 0:
-                bad = max_id if max_id >= self.vocab_size else min_id
-                raise ValueError(f"token id {bad} out of range for vocab_size {self.vocab_size}")
+            check_token_range(max_id, min_id, self.vocab_size)
             if self.trim_text_padding:
                 used = trimmed_text_length(last_eot, tokens.shape[1])
                 tokens = tokens[:, :used]

@@ -27,6 +27,11 @@ def make_activation(quick_gelu: bool) -> nn.Module:
     return QuickGELU() if quick_gelu else nn.GELU()
 
 
+def prefix_mask(index: torch.Tensor, length: int) -> torch.Tensor:
+    """[N, L] bool: True at positions 0..index[n] of each sequence (what a causal row at index[n] reads)."""
+    return torch.arange(length, device=index.device)[None, :] <= index[:, None]
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter layout.
 
@@ -111,11 +116,7 @@ class ResidualAttentionBlock(nn.Module):
         else:
             rows = torch.arange(batch, device=x.device)
             row, h_row = x[rows, index], h[rows, index]  # [N, W]
-            mask = None
-            if causal:
-                mask = (torch.arange(length, device=x.device)[None, :] <= index[:, None]).view(
-                    batch, 1, 1, length
-                )
+            mask = prefix_mask(index, length).view(batch, 1, 1, length) if causal else None
         w, b = self.attn.in_proj_weight, self.attn.in_proj_bias
         q = F.linear(h_row, w[:width], b[:width]).view(batch, heads, 1, head_dim)  # [N, H, 1, D]
         kv = F.linear(h, w[width:], b[width:]).view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
@@ -163,8 +164,7 @@ class Transformer(nn.Module):
         exported text encoder uses it); training keeps `forward_pooled`, whose hooks FSDP needs.
         """
         batch, length, width = x.shape
-        keep = torch.arange(length, device=x.device)[None, :] <= index[:, None]  # [N, L]
-        rows = keep.reshape(-1).nonzero().squeeze(1)  # [T]
+        rows = prefix_mask(index, length).reshape(-1).nonzero().squeeze(1)  # [T]
         packed = x.reshape(batch * length, width).index_select(0, rows)  # [T, W]
         for block in self.resblocks[:-1]:
             packed = block.forward_packed(packed, rows, batch, length)

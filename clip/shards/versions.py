@@ -30,6 +30,7 @@ from clip.config import StorageConfig
 from clip.formats.checkpoint import (
     FINAL_NAME,
     RUNS_DIR,
+    meta_describes,
     meta_name,
     parse_checkpoint,
     parse_checkpoint_meta,
@@ -105,7 +106,7 @@ def _checkpoint_data_version(newest: storage.ObjectInfo, objects: list[storage.O
             meta = parse_checkpoint_meta(storage.read_bytes(sidecar, storage_cfg), sidecar)
         except FormatError:
             meta = None
-        if meta is not None and meta["checkpoint"] == name and meta["bytes"] == newest.size:
+        if meta is not None and meta_describes(meta, name, newest.size):
             return str(meta.get("data_version"))
     return str(parse_checkpoint(storage.read_bytes(newest.uri, storage_cfg), newest.uri).get("data_version"))
 

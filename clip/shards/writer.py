@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -257,7 +258,7 @@ def write_shard(plan: ShardPlan, index: RawIndex, dest: Path, temp_suffix: str =
     index_bytes = shard_index.to_bytes()
     _write_file(dest.with_name(index_name(plan.name)), lambda out: out.write(index_bytes), temp_suffix)
     return ShardFile(plan.name, dest, len(plan.keys), written[0].bytes_written, written[0].sha256,
-                     index_name(plan.name), shard_index.sha256_of_bytes())
+                     index_name(plan.name), hashlib.sha256(index_bytes).hexdigest())
 
 
 def write_shards(plans: list[ShardPlan], index: RawIndex, dest_for: Callable[[str], Path] | None, workers: int = 2,

@@ -34,6 +34,7 @@ from clip.formats.checkpoint import (
     checkpoint_bytes,
     checkpoint_meta,
     checkpoint_meta_bytes,
+    meta_describes,
     meta_name,
     parse_checkpoint,
     parse_checkpoint_meta,
@@ -112,7 +113,7 @@ def read_checkpoint_meta(uri: str, size: int | None,
     except FormatError as exc:
         warnings.warn(f"{exc}; reading the checkpoint whole instead", stacklevel=2)
         return None
-    if meta["checkpoint"] != storage.basename(uri) or (size is not None and meta["bytes"] != size):
+    if not meta_describes(meta, storage.basename(uri), size):
         return None  # it describes other bytes (replaced since): the checkpoint itself is the authority
     return meta
 

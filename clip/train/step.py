@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from clip.model.model import LOGIT_SCALE_MAX, trimmed_text_length
+from clip.model.model import LOGIT_SCALE_MAX, check_token_range, trimmed_text_length
 from clip.train.distributed import DistInfo, all_reduce_
 from clip.train.gpu_decode import gpu_decode_batch
 from clip.train.loader import Batch
@@ -88,9 +88,7 @@ def _checked_host_tokens(tokens: torch.Tensor, vocab_size: int, trim: bool) -> t
     ids = tokens.numpy()  # [n, L], a view
     if ids.size == 0:
         return tokens
-    high, low = int(ids.max()), int(ids.min())
-    if high >= vocab_size or low < 0:
-        raise ValueError(f"token id {high if high >= vocab_size else low} out of range for vocab_size {vocab_size}")
+    check_token_range(int(ids.max()), int(ids.min()), vocab_size)
     if not trim:
         return tokens
     last_eot = int(ids.argmax(axis=-1).max())  # end-of-text is the highest id

@@ -64,7 +64,7 @@ from clip.formats import manifest as formats_manifest
 from clip.formats.errors import FormatError, MissingInputError
 from clip.formats.manifest import Manifest, ShardEntry
 from clip.formats.shard_index import SampleSpan, ShardIndex, parse_shard_index
-from clip.formats.tar import TruncatedTarError, iter_tar_samples
+from clip.formats.tar import TruncatedTarError, iter_tar_samples, read_up_to
 from clip.storage import StorageError
 
 
@@ -209,18 +209,6 @@ def unreadable_shard(uri: str, exc: BaseException) -> DataError:
     return DataError(f"shard {uri} cannot be read ({detail}); stopping rather than training on a subset of the data")
 
 
-def _read_up_to(f: IO[bytes], n: int) -> bytes:
-    """`n` bytes, or fewer only at the end of the stream (raw readers may return short reads)."""
-    chunks, left = [], n
-    while left > 0:
-        data = f.read(left)
-        if not data:
-            break
-        chunks.append(data)
-        left -= len(data)
-    return b"".join(chunks)
-
-
 class RawStream:
     """The pre-shuffle sample sequence of one stream in one epoch: infinite (passes / draws repeat)."""
 
@@ -300,7 +288,7 @@ class RawStream:
         try:
             for span in spans:
                 try:
-                    data = _read_up_to(f, span.size)
+                    data = read_up_to(f, span.size)
                 except (OSError, StorageError) as exc:  # the read itself failed: fail closed
                     raise unreadable_shard(info.uri, exc) from exc
                 digest = hashlib.sha256(data).hexdigest()
