@@ -5,7 +5,10 @@ our zero-shot numbers and times compare with CLIP_benchmark's on the same model 
    clip.eval.features.extract (threaded decode + preprocess ahead of the encoder) and compared with the encoder's
    own forward throughput on pre-decoded float32 batches of the same size. Target: >= 90%.
 2. **Probe search.** clip.eval.probe.linear_probe on `--probe-n` x `--probe-dim` Gaussian-class features (10
-   classes; train 80% with its deterministic val split, test 20%). Target: under a minute for 10,000 x 512.
+   classes; train 80% with its deterministic val split, test 20%), `--probe-workers` fits at once (default: one
+   per CPU of the affinity mask), each limited to one BLAS thread. Target: seconds for 10,000 x 512. Then the
+   few-shot curve on the same features (`--few-shot` k values x `--few-shot-seeds` draws). The load average is
+   recorded before and after: on a shared box the figure means little without it.
 3. **CLIP_benchmark side by side.** `--cb-images` synthetic-colors images (8 classes, `--cb-image-px`, WEBP) are
    written in CLIP_benchmark's webdataset layout (`--workers` equal shards, samples in a seeded random order,
    classnames.txt, the synthetic sets' 6 templates). Ours: clip.evalsets.webdataset + clip.eval.features.extract +
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip.eval import probe
+from clip.eval import fewshot, probe
 from clip.eval.encoders import CheckpointEncoder
 from clip.eval.features import extract
 from clip.eval.synthetic_sets import SYNTHETIC_TEMPLATES
@@ -90,17 +93,28 @@ def loader_vs_encoder(model_name: str, n: int, px: int, batch: int, workers: int
              "ratio": round(eval_rate / forward_rate, 3)}, encoder, evalset)
 
 
-def probe_search(n: int, dim: int, workers: int) -> dict:
+def probe_search(n: int, dim: int, workers: int | None, shots: list[int], seeds: int) -> dict:
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(10, dim)).astype(np.float32)
     labels = np.arange(n) % 10
     features = (centres[labels] + 4.0 * rng.normal(size=(n, dim))).astype(np.float32)
     cut = int(n * 0.8)
-    start = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = probe.linear_probe(features[:cut], labels[:cut], features[cut:], labels[cut:], num_classes=10,
                                 workers=workers)
-    return {"n": n, "dim": dim, "seconds": round(time.perf_counter() - start, 2), "fits": result.fits,
-            "chosen_C": result.c, "test_accuracy": round(result.value, 4)}
+    report = {"n": n, "dim": dim, "cpus": probe.available_cpus(), "workers": probe.fit_workers(workers),
+              "seconds": round(time.perf_counter() - start, 2), "fits": result.fits, "chosen_C": result.c,
+              "cpu_seconds": round(time.process_time() - cpu_start, 2),  # all threads: BLAS spinning shows here
+              "test_accuracy": round(result.value, 4)}
+    if shots:
+        start = time.perf_counter()
+        points = fewshot.few_shot_curve(features[:cut], labels[:cut], features[cut:], labels[cut:], num_classes=10,
+                                        shots=shots, seeds=list(range(seeds)), workers=workers)
+        report["few_shot_seconds"] = round(time.perf_counter() - start, 2)
+        report["few_shot"] = {p.shots: [round(p.mean, 4), round(p.spread, 4)] for p in points}
+    report["load_average_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    return report
 
 
 def write_webdataset(folder: Path, n: int, px: int, shards: int, seed: int = 0) -> list[str]:
@@ -216,6 +230,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--probe-n", type=int, default=10_000)
     parser.add_argument("--probe-dim", type=int, default=512)
+    parser.add_argument("--probe-workers", type=int, default=None, help="fits at once (default: one per CPU)")
+    parser.add_argument("--few-shot", default="1,2,4,8,16", help="k values of the few-shot curve ('': none)")
+    parser.add_argument("--few-shot-seeds", type=int, default=3, help="draws per k")
     parser.add_argument("--checkpoint", default=None,
                         help="CLIP_benchmark comparison: a checkpoint (e.g. from `make pipeline`); default: --model "
                              "with seeded random weights")
@@ -235,7 +252,8 @@ def main() -> None:
                                                         args.workers)[0]
         print(json.dumps({"loader_vs_encoder": report["loader_vs_encoder"]}))
     if "probe" in only:
-        report["probe_search"] = probe_search(args.probe_n, args.probe_dim, workers=min(4, os.cpu_count() or 1))
+        report["probe_search"] = probe_search(args.probe_n, args.probe_dim, args.probe_workers,
+                                              [int(k) for k in args.few_shot.split(",") if k], args.few_shot_seeds)
         print(json.dumps({"probe_search": report["probe_search"]}))
     if "clip_benchmark" in only:
         report["clip_benchmark"] = versus_clip_benchmark(args)

@@ -1,4 +1,5 @@
-"""One Dask runner for every stage that maps work over partitions (collect, dedup).
+"""Where the work runs: the device `compute.device` names (`resolve_device_kind`), and one Dask runner for every
+stage that maps work over partitions (collect, dedup).
 
 `DaskRunner(compute)` runs `fn(*shared, *item)` over many items, in this process or on a Dask cluster that it
 starts on first need: the scheduler named by `compute.dask_scheduler` to scale out, otherwise a local cluster
@@ -14,6 +15,24 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from clip.config import ComputeConfig
+
+
+class DeviceUnavailable(ValueError):
+    """`compute.device` asks for a device this machine does not have."""
+
+
+def resolve_device_kind(device: str) -> str:
+    """'cuda' or 'cpu' for a `compute.device` value: `auto` takes CUDA when torch sees a GPU; `cuda` without one
+    is refused in one line (DeviceUnavailable) here, where the device is chosen, before any model or data exists."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise DeviceUnavailable("compute.device is 'cuda' but no CUDA device is available (torch.cuda.is_available() "
+                                "is false); set compute.device=cpu or auto")
+    return "cuda" if available else "cpu"
 
 
 class DaskRunner(AbstractContextManager):

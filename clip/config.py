@@ -12,7 +12,9 @@ starts, with the dotted key and the value named. Every field carries a descripti
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+import re
+from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -28,8 +30,17 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names every offending key and value."""
 
 
+# Where the pipeline finds a team stack when params.yaml does not name it (README "Run it on your team's stack"):
+# the variables MLflow and Dask themselves read.
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+DASK_SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+
+# AWS bucket naming rules: 3-63 characters; lowercase letters, digits, dots and hyphens; a letter or digit at each end.
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
 def _check_uri(value: str) -> str:
-    """A location: a local path or s3://bucket[/prefix]. Refuses an s3 URL with no bucket."""
+    """A location: a local path or s3://bucket[/prefix] with a valid bucket name."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a non-empty path or s3:// URL")
     if "://" in value:
@@ -39,6 +50,9 @@ def _check_uri(value: str) -> str:
         bucket = rest.split("/", 1)[0]
         if not bucket:
             raise ValueError("s3 URL has no bucket; expected s3://bucket/prefix")
+        if not _BUCKET_NAME.fullmatch(bucket):
+            raise ValueError(f"invalid S3 bucket name {bucket!r}: 3-63 characters, lowercase letters, digits, dots "
+                             "and hyphens, starting and ending with a letter or digit")
     return value
 
 
@@ -52,6 +66,30 @@ def check_host_port(value: str | None) -> str | None:
     return value
 
 
+def _no_credentials(value: str | None) -> str | None:
+    """A service URL without credentials: params.yaml is committed, printed and logged as MLflow params."""
+    from clip.storage.redact import redact  # here, not at the top: clip.storage imports this module
+
+    if value is not None and redact(value) != value:
+        raise ValueError("must not carry credentials (user:password@ or a secret query value); they come from the "
+                         "environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile for S3, "
+                         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for MLflow")
+    return value
+
+
+def _default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, checked here so that a refusal names the variable; else the local store."""
+    from clip.storage.redact import redact
+
+    value = os.environ.get(TRACKING_URI_ENV)
+    if not value:
+        return "sqlite:///mlflow.db"
+    try:
+        return str(_no_credentials(value))
+    except ValueError as exc:
+        raise ConfigError(f"{TRACKING_URI_ENV}: {exc} (got {redact(value)!r})") from None
+
+
 Uri = Annotated[str, AfterValidator(_check_uri)]
 HostPort = Annotated[str | None, AfterValidator(check_host_port)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -61,9 +99,11 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, assignments are validated."""
+    """Base of every section: unknown keys are errors, assignments are validated, and types are strict: `true`
+    is not the number 1, 1.5 or "3" not an integer (an integer is still a valid float). YAML already types the
+    values of params.yaml and of `--set`, so strictness refuses only what was mistyped."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,7 +113,7 @@ class Section(BaseModel):
 class StorageConfig(Section):
     """Where objects live. Credentials never come from here: boto3's standard chain supplies them."""
 
-    endpoint_url: str | None = Field(
+    endpoint_url: Annotated[str | None, AfterValidator(_no_credentials)] = Field(
         None, description="S3-compatible endpoint URL (MinIO, Ceph, ...); AWS_ENDPOINT_URL overrides it when set; "
                           "null: AWS S3")
     region: str | None = Field(None, description="S3 region name passed to boto3; null: boto3's own default")
@@ -90,16 +130,32 @@ class TrackingConfig(Section):
     """MLflow tracking of runs (params, metrics, artifacts, data version)."""
 
     enabled: bool = Field(True, description="log runs to MLflow; false: no tracking at all")
-    uri: str = Field(
-        "sqlite:///mlflow.db",
-        description="MLflow tracking URI: a local SQLite store; an http(s):// server URI works too")
-    artifact_location: str = Field(
-        "mlartifacts", description="artifact root of the experiment; only used when the experiment is created")
+    uri: Annotated[str, AfterValidator(_no_credentials)] = Field(
+        default_factory=lambda: _default_tracking_uri(),
+        description=f"MLflow tracking URI: a local SQLite store or an http(s):// server; unset: {TRACKING_URI_ENV} "
+                    "when set (a team server; its login: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), "
+                    "else sqlite:///mlflow.db")
+    artifact_location: str | None = Field(
+        None, description="artifact root of the experiment; only used when the experiment is created. Unset: "
+                          "mlartifacts beside a local store, mlflow-artifacts:/<experiment> on an http(s) server "
+                          "(the server's own artifact store, e.g. its --artifacts-destination bucket)")
     experiment: str = Field("clip", description="MLflow experiment name the runs are logged under")
     parent_run_id: str | None = Field(
         None, description="nest every stage run under this MLflow run (set by the pipeline flow for one execution)")
     run_tags: dict[str, str] = Field(
         default_factory=dict, description="extra tags on every stage run (the flow sets the Prefect flow run id)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _artifacts_follow_the_store(cls, data: Any) -> Any:
+        """An unset artifact_location follows the store, so that pointing MLFLOW_TRACKING_URI at a server is
+        enough: a local folder written by this machine would be unreachable for the server's other users."""
+        if not isinstance(data, dict) or data.get("artifact_location") is not None:
+            return data
+        uri = data.get("uri") or os.environ.get(TRACKING_URI_ENV) or ""
+        served = isinstance(uri, str) and uri.startswith(("http://", "https://"))
+        experiment = data.get("experiment", "clip")
+        return {**data, "artifact_location": f"mlflow-artifacts:/{experiment}" if served else "mlartifacts"}
 
 
 class ComputeConfig(Section):
@@ -119,7 +175,9 @@ class ComputeConfig(Section):
         0, description="torchrun --max-restarts: times the training workers are restarted after a failure (they "
                        "resume from the newest checkpoint); more than 0 makes the train stage launch torchrun")
     dask_scheduler: str | None = Field(
-        None, description="address of an existing Dask cluster; null starts a local one")
+        default_factory=lambda: os.environ.get(DASK_SCHEDULER_ENV) or None,
+        description=f"address of an existing Dask cluster (tcp://host:8786); unset: {DASK_SCHEDULER_ENV} when set "
+                    "(Dask's own variable), else null; null starts a local cluster")
     dask_workers: PositiveInt = Field(2, description="worker processes of the local Dask cluster")
     threads_per_worker: PositiveInt = Field(1, description="threads per worker of the local Dask cluster")
 
@@ -247,6 +305,8 @@ class CollectConfig(Section):
     per_query_cap: PositiveInt = Field(20_000, description="K: at most this many pairs per query")
     samples_per_shard: PositiveInt = Field(1000, description="samples per raw webdataset shard")
     partition_size: PositiveInt = Field(10_000, description="candidates per Dask partition")
+    max_caption_bytes: PositiveInt = Field(
+        4096, description="captions longer than this many UTF-8 bytes are refused (reason caption_too_long)")
     seed: int = Field(0, description="random seed of the synthetic generator and of the per-query balancing")
     queries: QueriesConfig = Field(default_factory=QueriesConfig, description="the query list")
     table: TableSourceConfig = Field(default_factory=TableSourceConfig, description="settings of source: table")
@@ -404,6 +464,10 @@ class TrainConfig(Section):
         5, description="consecutive non-finite losses before the run stops")
     log_every: PositiveInt = Field(
         1, description="steps between metric logs (MLflow writes are asynchronous)")
+    zeroshot_sets: list[str] = Field(
+        default_factory=list, description="built-in synthetic sets (synthetic-shapes, synthetic-colors, "
+        "synthetic-heldout) zero-shot classified after every epoch: the learning curve's per-set accuracy (MLflow, "
+        "epoch_curve.csv); for pools of the synthetic source; empty: none")
     seed: int = Field(0, description="seed of model initialisation, shard order and shuffling")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="the text tokenizer")
 
@@ -433,9 +497,10 @@ class ExportConfig(Section):
     """export: ONNX encoders + tokenizer + preprocessing, checked against the checkpoint -> models/bundle/."""
 
     checkpoint: Uri | None = Field(
-        None, description="a checkpoint file (final.pt) or a training run folder (its final.pt); null: the newest "
-                          "finished run under export.runs_dir (by modification time)")
-    runs_dir: Uri = Field("models/runs", description="where training runs are looked for when checkpoint is null")
+        None, description="a checkpoint file (final.pt) or a training run folder (its final.pt); null: the run of "
+                          "the data version train.data's latest.json names (train.output, else "
+                          "<runs_dir>/<train.model>-<data_version[:12]>)")
+    runs_dir: Uri = Field("models/runs", description="where the training runs are when checkpoint is null")
     output_dir: Uri = Field(
         "models/bundle", description="where the bundle is written (local folder or s3://bucket/prefix); replaced "
                                      "only once the new export passed the parity gate")
@@ -477,6 +542,23 @@ class EvaluateConfig(Section):
         description="held-out colour x shape share of synthetic-heldout; set it to collect.synthetic.heldout_fraction "
                     "when that is not the default (null: the generator's default)")
     plots: bool = Field(True, description="write PNG plots (per-dataset bars, confusion matrices)")
+    few_shot: list[PositiveInt] = Field(
+        default_factory=list,
+        description="few-shot linear probes on k labelled train images per class, e.g. [1, 2, 4, 8, 16]; also the "
+                    "shots a probe needs to match zero-shot (clip.eval.fewshot); empty: off")
+    few_shot_seeds: list[NonNegativeInt] = Field(
+        default_factory=lambda: [0, 1, 2],
+        description="seeds of the k-shot draws: one probe per seed and k, the mean and spread reported")
+
+    @model_validator(mode="after")
+    def _few_shot_lists(self) -> EvaluateConfig:
+        for name in ("few_shot", "few_shot_seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"evaluate.{name} repeats a value: {values}")
+        if self.few_shot and not self.few_shot_seeds:
+            raise ValueError("evaluate.few_shot is set but evaluate.few_shot_seeds is empty: name at least one seed")
+        return self
 
 
 class PromoteConfig(Section):
@@ -513,7 +595,45 @@ class PipelineConfig(Section):
 # loading
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys (PyYAML keeps the last silently) and reading `1e-3` as a
+    number (YAML 1.2; PyYAML's YAML 1.1 rules make it a string, which strict float fields refuse)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base`: keys written next to it override the merged ones, by design
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, Hashable) and key in seen:
+                    raise ConfigError(f"{key_node.start_mark.name}: duplicate key {key!r} at lines {seen[key]} and "
+                                      f"{line} (give each key once)")
+                if isinstance(key, Hashable):
+                    seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _load_yaml(text: str, name: str) -> Any:
+    """Parse `text` with _ParamsLoader; `name` (a file, an override) is what error messages name."""
+    loader = _ParamsLoader(text)
+    loader.name = name  # marks (and so our messages) name the file, not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _format_validation_error(err: ValidationError, data: dict[str, Any]) -> str:
+    from clip.storage.redact import redact  # a refused value may be a URL with credentials: never echo them
+
     lines = []
     for item in err.errors():
         loc = [str(p) for p in item["loc"]]
@@ -526,7 +646,9 @@ def _format_validation_error(err: ValidationError, data: dict[str, Any]) -> str:
         elif loc and item["type"] in ("value_error", "assertion_error") and isinstance(item["input"], dict):
             lines.append(f"{key}: {msg}")  # a section-level rule; the message names its keys
         else:
-            lines.append(f"{key}: {msg} (got {item['input']!r})")
+            lines.append(redact(f"{key}: {msg} (got {item['input']!r})"))
+    if len(lines) == 1:
+        return f"invalid configuration: {lines[0]}"  # one line for one mistake
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
@@ -539,7 +661,7 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     if not all(path):
         raise ConfigError(f"override {override!r} has an empty key part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw, f"--set {key}") if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
     return path, value
@@ -572,7 +694,7 @@ def load_config(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] |
     data: dict[str, Any] = {}
     if path is not None and Path(path).exists():
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = _load_yaml(Path(path).read_text(), str(path))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):

@@ -69,6 +69,10 @@ TEMPLATES = [
 ]
 
 EVAL_SET_NAMES = ["synthetic-shapes", "synthetic-colors", "synthetic-heldout"]
+# Zero-shot prompts of the evaluation sets, in the pool's own caption styles (the evaluation stage and the training
+# curve, clip.train.monitor, use the same ensemble).
+EVAL_TEMPLATES = ("a photo of a {}.", "a {}", "a picture of a {}", "a drawing of a {}", "a simple illustration of a {}",
+                  "clip art of a {}")
 DEFAULT_HELDOUT_FRACTION = 0.2
 _TRAIN_STREAM = 0
 _EVAL_STREAMS = {name: 1000 + i for i, name in enumerate(EVAL_SET_NAMES)}  # disjoint from the training stream

@@ -13,13 +13,16 @@ Multi-node (run on every node; c10d rendezvous on host:port, node ranks assigned
 which writes the resolved config to a temporary params file and runs `python -m torch.distributed.run --nnodes 4
 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint head-node:29400 --rdzv-id clip-train --max-restarts 0
 -m pipelines.train --params <that file>`: every worker trains on exactly the config resolved here. SLURM:
-`srun --ntasks-per-node 8 python -m pipelines.train ...` (one task per GPU); the worker maps SLURM_PROCID /
+`srun --ntasks-per-node 8 python -m pipelines.train ...` (one task per GPU; `sbatch infra/slurm/train.sbatch`
+adds checkpoints and requeues at the time limit); the worker maps SLURM_PROCID /
 SLURM_STEP_NUM_TASKS / SLURM_LOCALID / SLURM_NODELIST to RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR
 (clip/train/distributed.py).
 
 Under a launcher (RANK / WORLD_SIZE or SLURM task variables set) this module is the worker; alone it trains in
 this process when one process is asked for (compute.nproc_per_node = compute.nnodes = 1, compute.max_restarts = 0)
-and launches torchrun otherwise. Outputs (docs/formats.md): step-NNNNNNNN.pt, final.pt, tokenizer.json,
+and launches torchrun otherwise. SIGUSR1 / SIGTERM (a scheduler's warning before the time limit, a requeue,
+a preemption): a step checkpoint at the next logging or checkpoint step, then exit status 75; the same command
+resumes (clip/train/stop.py). Outputs (docs/formats.md): step-NNNNNNNN.pt, final.pt, tokenizer.json,
 metrics.json in train.output; reports/metrics/train.json.
 """
 
@@ -33,12 +36,13 @@ from pathlib import Path
 
 from clip import storage
 from clip.config import ComputeConfig, PipelineConfig, dump_config
-from clip.formats.metrics import TRAIN_LOSS_PLOT, plots_uri
+from clip.formats.metrics import TRAIN_EPOCHS_PLOT, TRAIN_LOSS_PLOT, plots_uri
 from clip.progress import Progress
 from clip.result import StageResult
 from clip.train import stage
 from clip.train.distributed import under_launcher
 from clip.train.report import load_result
+from clip.train.stop import RESUME_EXIT_STATUS, ignore_stop_signals
 from pipelines._common import is_rank_zero, stage_main
 
 WORKER_MODULE = "pipelines.train"
@@ -48,8 +52,16 @@ def run(cfg: PipelineConfig, progress: Progress | None = None) -> StageResult:
     """Train: in this process (a launched worker, or the whole job when one process is asked for), or through
     torchrun, waiting for it (its result is read back from train.output)."""
     if under_launcher() or is_single_process(cfg.compute):
-        result = stage.run(cfg.train, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking,
-                           progress=progress, debug=cfg.debug)
+        try:
+            result = stage.run(cfg.train, storage=cfg.storage, compute=cfg.compute, tracking=cfg.tracking,
+                               progress=progress, debug=cfg.debug)
+        except stage.TrainingStopped as stopped:
+            # Not a failure: a scheduler asked for the machine back. The status tells a batch script to requeue
+            # (infra/slurm/train.sbatch); the same command then resumes from the checkpoint just written.
+            ignore_stop_signals()  # on its way out: srun's SIGTERM to the slower ranks must not change the status
+            if is_rank_zero():
+                print(f"train: {stopped}", file=sys.stderr, flush=True)
+            raise SystemExit(RESUME_EXIT_STATUS) from None
     else:
         result = launch_torchrun(cfg)
     if is_rank_zero():
@@ -58,12 +70,12 @@ def run(cfg: PipelineConfig, progress: Progress | None = None) -> StageResult:
 
 
 def publish_loss_curve(result: StageResult, cfg: PipelineConfig) -> None:
-    """The run's loss curve copied to reports/plots/train_loss.csv, where `dvc plots show` reads it (local, like
-    the metrics; the run folder may be on S3)."""
-    source = result.outputs.get("loss_curve")
-    if not source or not storage.exists(source, cfg.storage):
-        return
-    storage.write_bytes(plots_uri(TRAIN_LOSS_PLOT), storage.read_bytes(source, cfg.storage))
+    """The run's loss curve and per-epoch curve copied to reports/plots/train_loss.csv and train_epochs.csv, where
+    `dvc plots show` reads them (local, like the metrics; the run folder may be on S3)."""
+    for output, plot in (("loss_curve", TRAIN_LOSS_PLOT), ("epoch_curve", TRAIN_EPOCHS_PLOT)):
+        source = result.outputs.get(output)
+        if source and storage.exists(source, cfg.storage):
+            storage.write_bytes(plots_uri(plot), storage.read_bytes(source, cfg.storage))
 
 
 def is_single_process(compute: ComputeConfig) -> bool:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+from benchmarks.abort_repro import run_many, write_empty_keep_list
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).with_name("clip-pipeline"))]
@@ -102,15 +106,48 @@ def test_a_library_value_error_keeps_its_traceback_ours_is_one_line(tmp_path: Pa
     )
     assert library.returncode == 1
     assert "Traceback" in library.stderr and "JSONDecodeError" in library.stderr
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    (tmp_path / "dedup").mkdir()
-    (tmp_path / "raw").mkdir()
-    empty = pa.table({"key": pa.array([], pa.string()), "shard": pa.array([], pa.string()),
-                      "sha256": pa.array([], pa.string()), "caption_digest": pa.array([], pa.string())})
-    pq.write_table(empty, tmp_path / "dedup" / "keep.parquet")
-    ours = run_cli("shard", "--set", f"shard.dedup_dir={tmp_path / 'dedup'}", "--set",
-                   f"shard.input_dir={tmp_path / 'raw'}", "--set", f"shard.output={tmp_path / 'out'}", cwd=tmp_path)
+    ours = run_cli(*write_empty_keep_list(tmp_path), cwd=tmp_path)
     assert ours.returncode == 1 and "Traceback" not in ours.stderr, ours.stderr
     assert "error: shard: ValueError:" in ours.stderr and "nothing to shard" in ours.stderr
+
+
+# Runs the shard stage's entry point in a fresh interpreter and prints the native threads it left running (OS
+# threads that are not Python threads and did not exist before the run), by their /proc name.
+_THREADS_LEFT_BY_THE_RUN = """
+import json, os, sys, threading
+from pipelines.shard import main
+
+def native_threads():
+    return set(os.listdir("/proc/self/task")) - {str(t.native_id) for t in threading.enumerate()}
+
+before = native_threads()
+try:
+    main(sys.argv[1:])
+except SystemExit as exit:
+    status = exit.code
+left = {t: open(f"/proc/self/task/{t}/comm").read().strip() for t in sorted(native_threads() - before)}
+print(json.dumps({"status": status, "left": left}))
+"""
+
+
+def test_refusing_a_keep_list_leaves_no_native_thread_behind(tmp_path: Path) -> None:
+    """The cause of the shard CLI's rare abort at exit ('terminate called without an active exception', SIGABRT):
+    pq.read_table decoded the keep-list on an Arrow CPU-pool thread (use_threads=False or not), and that thread
+    held the last reference to the keep-list's bytes; run late, it released them while the interpreter was
+    finalizing, CPython ended it inside a C++ destructor and std::terminate aborted the process. The read now
+    starts no thread: none is left running when the stage exits."""
+    probe = subprocess.run([sys.executable, "-c", _THREADS_LEFT_BY_THE_RUN, *write_empty_keep_list(tmp_path)[1:]],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    report = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert report["status"] == 1 and "nothing to shard" in probe.stderr, probe.stderr
+    assert report["left"] == {}, f"native threads still running after the shard run: {report['left']}"
+
+
+@pytest.mark.heavy
+def test_shard_cli_refusing_its_input_never_aborts_beside_busy_processes(tmp_path: Path) -> None:
+    """The symptom, under the conditions it was seen in (a fresh-clone `make test` on busy CPUs): the command that
+    refuses an empty keep-list exits with 1 every time, never SIGABRT (benchmarks/abort_repro.py runs it 200
+    times)."""
+    counts, stderr_of = run_many(runs=10, busy=3, cwd=tmp_path)
+    assert counts == {"exit 1": 10}, (counts, stderr_of)

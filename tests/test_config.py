@@ -59,7 +59,7 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
 
 
 def test_dump_round_trips(tmp_path: Path) -> None:
-    cfg = load_config(None, ["train.batch_size=8", "shard.output=s3://b/p"])
+    cfg = load_config(None, ["train.batch_size=8", "shard.output=s3://bkt/p"])
     params = tmp_path / "resolved.yaml"
     params.write_text(dump_config(cfg))
     assert load_config(params) == cfg

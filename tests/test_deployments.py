@@ -84,9 +84,10 @@ def test_schedule_and_data_published_trigger_on_a_prefect_server(tmp_path: Path)
               120, "a scheduled run of weekly-retrain", served)
         assert not _flow_runs(api, "on-new-data")
 
-        # publish (again) through the shard stage: it emits clip.data.published, the trigger starts a run
-        subprocess.run([sys.executable, "-m", "pipelines.shard"], cwd=repo, env=env, check=True,
-                       capture_output=True)
+        # publish a new version through the shard stage (other shard sizes: other shards): it emits
+        # clip.data.published, the trigger starts a run (republishing the same version would emit nothing)
+        subprocess.run([sys.executable, "-m", "pipelines.shard", "--set", "shard.samples_per_shard=40"], cwd=repo,
+                       env=env, check=True, capture_output=True)
         runs = _wait(lambda: [r for r in _flow_runs(api, "on-new-data") if r["state_type"] in
                               ("COMPLETED", "FAILED", "CRASHED")], 300, "the triggered run to finish", served)
         assert runs[0]["state_type"] == "COMPLETED", (logs / "serve.log").read_text()[-3000:]

@@ -25,7 +25,7 @@ from clip.config import ComputeConfig, ExportConfig, StorageConfig
 from clip.export import ParityError, stage
 from clip.export.publish import EVALUATION_BEGIN, EVALUATION_END
 from clip.formats.bundle import verify_bundle
-from clip.formats.checkpoint import FINAL_NAME, checkpoint_bytes
+from clip.formats.checkpoint import FINAL_NAME, TrainedRun, checkpoint_bytes
 from clip.formats.errors import FormatError, MissingInputError
 from clip.model import create_model
 from clip.tokenizer import Tokenizer
@@ -62,8 +62,8 @@ def export(checkpoint: Path | str | None, output: Path | str, **kwargs: object) 
 def test_tiny_configs_export_pass_parity_and_verify(tmp_path: Path, tokenizer: Tokenizer, name: str) -> None:
     ckpt = write_checkpoint(tmp_path / "run" / FINAL_NAME, name, tokenizer)
     result = export(ckpt, tmp_path / "bundle")
-    bundle = tmp_path / "bundle"
-    manifest = verify_bundle(str(bundle))
+    manifest = verify_bundle(str(tmp_path / "bundle"))
+    bundle = Path(result.outputs["files"])  # the version folder the top manifest names
     info = manifest.info
     model = create_model(name, vocab_size=tokenizer.vocab_size)
     assert info["model"] == name and info["embed_dim"] == model.config.embed_dim
@@ -91,10 +91,10 @@ def test_tiny_configs_export_pass_parity_and_verify(tmp_path: Path, tokenizer: T
 def test_dynamic_batch_and_text_padding_match_the_checkpoint(tmp_path: Path, tokenizer: Tokenizer) -> None:
     """Batch sizes never traced (1, 3, 7) and captions of very different lengths, against eager PyTorch."""
     ckpt = write_checkpoint(tmp_path / FINAL_NAME, "tiny-vit", tokenizer, seed=3)
-    export(ckpt, tmp_path / "bundle")
+    files = Path(export(ckpt, tmp_path / "bundle").outputs["files"])
     model = stage.load_checkpoint(str(ckpt)).model
-    image = ort.InferenceSession(str(tmp_path / "bundle" / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
-    text = ort.InferenceSession(str(tmp_path / "bundle" / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    image = ort.InferenceSession(str(files / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
+    text = ort.InferenceSession(str(files / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in image.get_outputs()] == ["embedding", "features"]
     assert [i.name for i in text.get_inputs()] == ["text"] and text.get_inputs()[0].type == "tensor(int64)"
     captions = ["dog", " ".join(CAPTIONS[:6]), "a photo of two red cats", "car", "a", "one small blue square", "cat"]
@@ -133,12 +133,12 @@ def test_planted_parity_failure_publishes_nothing_and_keeps_the_old_bundle(tmp_p
     assert not (tmp_path / "fresh").exists()
     # An existing bundle at the location survives a failing export untouched.
     export(ckpt, tmp_path / "bundle")
-    before = {p.name: p.read_bytes() for p in (tmp_path / "bundle").iterdir()}
+    before = {p: p.read_bytes() for p in (tmp_path / "bundle").rglob("*") if p.is_file()}
     newer = write_checkpoint(tmp_path / "newer.pt", "tiny-vit", tokenizer, seed=9)
     cfg = ExportConfig(checkpoint=str(newer), output_dir=str(tmp_path / "bundle"))
     with pytest.raises(ParityError):
         stage.export_bundle(cfg, StorageConfig(), tamper=perturb_one_weight)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "bundle").iterdir()} == before
+    assert {p: p.read_bytes() for p in (tmp_path / "bundle").rglob("*") if p.is_file()} == before
     verify_bundle(str(tmp_path / "bundle"))
 
 
@@ -156,22 +156,19 @@ def test_missing_checkpoint_errors_name_the_thing(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     with pytest.raises(MissingInputError, match=f"no final.pt in {tmp_path}/run"):
         export(tmp_path / "run", tmp_path / "bundle")
-    with pytest.raises(MissingInputError, match=f"no finished training run under {tmp_path}/runs"):
-        export(None, tmp_path / "bundle", runs_dir=str(tmp_path / "runs"))
+    unfinished = TrainedRun(str(tmp_path / "runs" / "tiny-vit-aaaaaaaaaaaa"), "a" * 64)
+    with pytest.raises(MissingInputError, match="no finished training run for data version aaaaaaaaaaaa: "
+                                                 f"{unfinished.folder}/final.pt does not exist"):
+        stage.run(ExportConfig(output_dir=str(tmp_path / "bundle")), storage=StorageConfig(),
+                  compute=ComputeConfig(), train_run=unfinished)
     assert not (tmp_path / "bundle").exists()
 
 
-def test_default_checkpoint_is_the_newest_finished_run(tmp_path: Path, tokenizer: Tokenizer) -> None:
-    runs = tmp_path / "runs"
-    old = write_checkpoint(runs / "tiny-vit-aaaa" / FINAL_NAME, "tiny-vit", tokenizer, seed=1)
-    new = write_checkpoint(runs / "tiny-rn-bbbb" / FINAL_NAME, "tiny-rn", tokenizer, seed=2)
-    (runs / "tiny-zz-unfinished").mkdir()  # a run without final.pt is not a candidate
-    os.utime(old, (1_700_000_000, 1_700_000_000))
-    os.utime(new, (1_700_000_100, 1_700_000_100))
-    assert stage.resolve_checkpoint(ExportConfig(runs_dir=str(runs))) == str(new)
-    assert stage.resolve_checkpoint(ExportConfig(checkpoint=str(runs / "tiny-vit-aaaa"))) == str(old)
-    result = export(None, tmp_path / "bundle", runs_dir=str(runs))
-    assert result.info["model"] == "tiny-rn" and result.info["checkpoint"] == str(new)
+def test_a_run_folder_means_its_final_checkpoint(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    """(Which run export.checkpoint: null means, the run of the data version latest.json names: test_lineage.py.)"""
+    run = tmp_path / "runs" / "tiny-vit-aaaa"
+    final = write_checkpoint(run / FINAL_NAME, "tiny-vit", tokenizer, seed=1)
+    assert stage.resolve_checkpoint(ExportConfig(checkpoint=str(run))) == str(final)
 
 
 def test_config_and_weights_that_disagree_are_refused(tmp_path: Path, tokenizer: Tokenizer) -> None:
@@ -204,7 +201,7 @@ def test_bundle_on_s3(tmp_path: Path, tokenizer: Tokenizer, s3_bucket: str) -> N
     assert result.outputs["manifest"] == f"{prefix}/manifest.json"
     manifest = verify_bundle(prefix, StorageConfig())
     assert manifest.info["parity"]["zeroshot_disagreements"] == 0
-    image = storage.read_bytes(f"{prefix}/image_encoder.onnx")
+    image = storage.read_bytes(f"{result.outputs['files']}/image_encoder.onnx")
     session = ort.InferenceSession(image, providers=["CPUExecutionProvider"])
     assert session.run(None, {"image": np.zeros((2, 3, 64, 64), np.float32)})[0].shape == (2, 128)
 
@@ -216,14 +213,14 @@ def test_int8_encoder_is_written_beside_the_float_one(tmp_path: Path, tokenizer:
     from clip.runtime import Bundle
 
     ckpt = write_checkpoint(tmp_path / "run", "tiny-vit", tokenizer)
-    export(ckpt, tmp_path / "plain")
+    plain = export(ckpt, tmp_path / "plain")
     result = export(ckpt, tmp_path / "bundle", int8=True)
     manifest = verify_bundle(str(tmp_path / "bundle"))
     assert INT8_IMAGE_ENCODER_NAME in manifest.files
     assert INT8_IMAGE_ENCODER_NAME not in verify_bundle(str(tmp_path / "plain")).files
     # the float encoder is the very file an export without int8 writes; the int8 one is smaller and close to it
-    float_bytes = (tmp_path / "bundle" / IMAGE_ENCODER_NAME).read_bytes()
-    assert float_bytes == (tmp_path / "plain" / IMAGE_ENCODER_NAME).read_bytes()
+    float_bytes = Path(result.outputs["files"], IMAGE_ENCODER_NAME).read_bytes()
+    assert float_bytes == Path(plain.outputs["files"], IMAGE_ENCODER_NAME).read_bytes()
     assert manifest.files[INT8_IMAGE_ENCODER_NAME]["bytes"] < len(float_bytes)
     assert manifest.info["int8"] and any(key.startswith("int8_") for key in result.metrics)
     rng = np.random.default_rng(0)

@@ -30,7 +30,7 @@ def test_full_size_export_passes_parity(tmp_path: Path, name: str) -> None:
         assert result.metrics[f"{tower}_min_cosine"] >= 0.9999
         assert result.metrics[f"{tower}_max_abs_diff"] <= 1e-4
     assert result.metrics["zeroshot_disagreements"] == 0
-    session = ort.InferenceSession(str(tmp_path / "bundle" / "image_encoder.onnx"),
+    session = ort.InferenceSession(str(Path(result.outputs["files"]) / "image_encoder.onnx"),
                                    providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[1:] == [3, 224, 224]
     assert not isinstance(session.get_inputs()[0].shape[0], int)  # the batch axis stayed dynamic

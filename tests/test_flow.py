@@ -123,7 +123,7 @@ def _flow_checks(tmp_path: Path, tracking_uri: str, bucket: str, endpoint: str) 
     second = pipeline(repo=str(repo), stages=stages)
     assert all(o["skipped"] for o in second), second
 
-    third = pipeline(repo=str(repo), stages=stages, overrides=["train.epochs=2"])
+    third = pipeline(repo=str(repo), stages=stages, overrides=["train.epochs=2"], save_overrides=True)
     ran = [o["stage"] for o in third if not o["skipped"]]
     assert ran == [s for s in stages if stages.index(s) >= stages.index("train")], ran
     text = (repo / "params.yaml").read_text()

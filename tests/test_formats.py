@@ -118,7 +118,7 @@ def test_results_table_formats_agree() -> None:
     ))
     assert table.mean == pytest.approx(0.625)  # skipped rows are listed, not averaged
     assert ResultsTable.from_json_bytes(table.to_json_bytes()) == table
-    assert table.to_csv().splitlines()[1] == "cifar10,zeroshot,accuracy,0.5,100,ok,,0,"
+    assert table.to_csv().splitlines()[1] == "cifar10,zeroshot,accuracy,0.5,100,ok,,0,,,,"  # shots, spread, matching_shots: empty
     assert "skipped (data/eval/sun397 not found)" in table.to_markdown()
     with pytest.raises(FormatError):
         ResultsTable.from_json_bytes(b'{"rows": []}')

@@ -5,7 +5,9 @@ and the install stamp that keeps `make test` fast.
 - a stage package (clip/collect, clip/dedup, clip/shards, clip/train, clip/export, clip/eval, clip/promote)
   imports no other stage package: stages meet through clip.formats and clip.storage;
 - clip/model imports neither clip.train nor clip.config (model code is single-device and config-free);
-- only clip/formats knows a layout: it alone imports `tarfile` and names the artifact files.
+- only clip/formats knows a layout: it alone imports `tarfile` and names the artifact files;
+- dvc.yaml's deps of each stage cover every Python file its `pipelines/<stage>.py` imports, directly or not,
+  within clip/ and pipelines/ (else `dvc repro` skips a stage whose code changed).
 Each rule has a self-check that plants a violation and sees it caught.
 """
 
@@ -15,8 +17,10 @@ import ast
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN = {"clip": {"pipelines", "flows"}, "pipelines": {"flows"}}
@@ -161,6 +165,79 @@ def test_checker_catches_planted_layout_knowledge(tmp_path: Path) -> None:
                        'Field(3, description="holds manifest.json")\n')
     found = layout_knowledge(planted)
     assert found == ["imports tarfile", "line 3: 'manifest.json'", "line 4: 'shard-'"]
+
+
+OWN_PACKAGES = ("clip", "pipelines")
+
+
+def module_file(name: str, importer: Path | None = None, level: int = 0) -> Path | None:
+    """The file of this repository that importing `name` runs (`clip.config.load_config` -> clip/config.py: the
+    longest prefix that is a module or package); relative names resolve against `importer`; None when outside."""
+    parts = name.split(".") if name else []
+    if level and importer is not None:
+        base = importer.parent.relative_to(REPO).parts
+        parts = [*base[:len(base) - (level - 1)], *parts]
+    if not parts or parts[0] not in OWN_PACKAGES:
+        return None
+    for end in range(len(parts), 0, -1):
+        folder = REPO.joinpath(*parts[:end])
+        for candidate in (folder.with_suffix(".py"), folder / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def import_closure(entry: Path) -> set[Path]:
+    """`entry` and every Python file of clip/ and pipelines/ it imports, transitively, with the `__init__.py` of
+    each package on the way (importing clip.train.loop runs clip/__init__.py and clip/train/__init__.py too)."""
+    seen: set[Path] = set()
+    todo = [entry]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        found = [module_file(name) for name in imported_modules(path)]
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):  # relative imports
+            if isinstance(node, ast.ImportFrom) and node.level:
+                found += [module_file(f"{node.module or ''}.{alias.name}".strip("."), path, node.level)
+                          for alias in node.names]
+        for file in filter(None, found):
+            package = file.parent
+            while package != REPO and (package / "__init__.py").is_file():
+                todo.append(package / "__init__.py")
+                package = package.parent
+            todo.append(file)
+    return seen
+
+
+def uncovered_stage_code(stage: dict[str, Any]) -> list[str]:
+    """The files a dvc.yaml stage's code imports (its cmd `python -m <module>`) that none of its deps covers (a
+    dep that is a folder covers the files under it)."""
+    module = re.search(r"python -m (\S+)", stage["cmd"])
+    assert module, f"stage cmd {stage['cmd']!r} is not `python -m <module>`"
+    deps = [Path(next(iter(dep)) if isinstance(dep, dict) else dep) for dep in stage.get("deps", [])]
+    needed = {path.relative_to(REPO) for path in import_closure(module_file(module.group(1)) or Path("missing"))}
+    return sorted(str(path) for path in needed if not any(path == dep or dep in path.parents for dep in deps))
+
+
+def dvc_stages() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("stage", sorted(dvc_stages()))
+def test_dvc_deps_cover_the_code_each_stage_imports(stage: str) -> None:
+    missing = uncovered_stage_code(dvc_stages()[stage])
+    assert not missing, (f"dvc.yaml stage {stage!r}: its code imports files no dep covers, so `dvc repro` would "
+                         f"not rerun it when they change; add them (or their folder) to its deps: {missing}")
+
+
+def test_checker_catches_a_dvc_dep_left_out() -> None:
+    train = dvc_stages()["train"]
+    assert "clip/config.py" in train["deps"]
+    planted = {**train, "deps": [dep for dep in train["deps"] if dep != "clip/config.py"]}
+    assert uncovered_stage_code(planted) == ["clip/config.py"]
+    assert "clip/train/stage.py" in uncovered_stage_code({**train, "deps": ["pipelines/train.py"]})
 
 
 def test_second_make_test_does_not_reinstall() -> None:

@@ -302,11 +302,14 @@ def test_checkpoint_metadata_is_read_without_loading_the_checkpoint(tmp_path: Pa
     data = bytearray(victim.read_bytes())
     data[len(data) // 2:len(data) // 2 + 4096] = b"\xff" * 4096  # inside the tensor payload
     victim.write_bytes(bytes(data))
-    point = find_resume_point(cfg.train, cfg.storage, version, schedule)
-    assert point.uri == str(victim) and point.start_step == 4 and point.found.checkpoint is None
-    assert point.metadata["data_state"]["positions"] == [32, 32] and point.metadata["mlflow_run_id"] == "run-123"
+    found = find_latest(str(out))
+    assert found.uri == str(victim) and found.meta["step"] == 4 and found.checkpoint is None
+    assert found.meta["data_state"]["positions"] == [32, 32] and found.meta["mlflow_run_id"] == "run-123"
     with pytest.raises(FormatError, match=f"{step_name(4)} does not match its metadata sidecar"):
-        _ = point.checkpoint
+        found.load()
+    # a resume reads the one it will use whole first: the damaged one is passed over, loudly (issue 21 item 6)
+    with pytest.warns(UserWarning, match=f"{step_name(4)}; using .*{step_name(2)}"):
+        assert find_resume_point(cfg.train, cfg.storage, version, schedule).start_step == 2
 
     Path(meta_uri(str(victim))).unlink()  # a checkpoint without sidecar (older ones) is read whole: refused
     victim.write_bytes(b"not a checkpoint")

@@ -259,10 +259,11 @@ def test_predict_prints_probabilities_and_names_a_bad_image(built: tuple, bundle
     assert result.returncode == 1, result.stderr
     assert "broken.jpg cannot be decoded" in result.stderr
     expected = bundle.classify([load_image(tmp_path / "first.png"), load_image(tmp_path / "second.jpg")], LABELS)
+    lines = result.stdout.splitlines()
     for name, probs in zip(("first.png", "second.jpg"), expected, strict=True):
-        row = next(line for line in result.stdout.splitlines() if name in line)
-        assert [f"{p:.4f}" for p in probs] == [cell.strip() for cell in row.split("│")[2:2 + len(LABELS)]]
-        assert LABELS[int(probs.argmax())] in row.split("│")[-2]
+        start = next(i for i, line in enumerate(lines) if name in line)  # then one row per label, best first
+        cells = [[cell.strip() for cell in line.split("│")[3:5]] for line in lines[start:start + len(LABELS)]]
+        assert cells == [[LABELS[j], f"{probs[j]:.4f}"] for j in np.argsort(-probs, kind="stable")]
     assert "broken.jpg" not in result.stdout
 
 

@@ -458,28 +458,3 @@ def test_new_data_version_is_not_mistaken_for_a_finished_run(tmp_path: Path) -> 
     again = train(_cfg(tmp_path / "shards", tmp_path / "out-v2"))
     assert again.data_version != first.data_version
 
-
-def test_a_resumed_run_continues_its_mlflow_run(tmp_path: Path, mlflow_store: dict[str, str]) -> None:
-    """A finished run continued with more epochs logs into the MLflow run that trained it (one loss curve),
-    instead of opening a second run (issue 11.9)."""
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.train import run
-
-    make_shards(tmp_path / "shards", n=128, per_shard=64)
-    tracking = {"tracking.enabled": True, "tracking.uri": mlflow_store["uri"], "train.log_every": 1,
-                "tracking.artifact_location": mlflow_store["artifact_location"], "tracking.experiment": "resume"}
-    first = run(load_config(None, tiny_overrides(str(tmp_path / "shards"), str(tmp_path / "out"),
-                                                 **{"train.epochs": 1}, **tracking)))
-    checkpoint = torch.load(tmp_path / "out" / "final.pt", weights_only=True)
-    assert checkpoint["mlflow_run_id"]
-    second = run(load_config(None, tiny_overrides(str(tmp_path / "shards"), str(tmp_path / "out"),
-                                                  **{"train.epochs": 2}, **tracking)))
-    assert second.metrics["steps"] == 2 * first.metrics["steps"]
-    client = MlflowClient(mlflow_store["uri"])
-    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
-    assert [r.info.run_id for r in runs] == [checkpoint["mlflow_run_id"]]
-    [only] = runs
-    assert only.info.status == "FINISHED" and only.data.tags["resumed_from_step"] == str(first.metrics["steps"])
-    steps = sorted(m.step for m in client.get_metric_history(only.info.run_id, "loss"))
-    assert steps[0] <= 1 and steps[-1] == second.metrics["steps"]  # both parts on one curve

@@ -96,6 +96,17 @@ def encode_image(image: Image.Image, cfg: FetchConfig, *, check: bool = True) ->
     )
 
 
+def _decode_error_reason(exc: Exception) -> str:
+    """TRUNCATED when PIL recognised the format but the data ended early, else NOT_AN_IMAGE.
+
+    PIL says "image file is truncated" when the pixel data ends, "Truncated File Read" (capital T) when the
+    headers end (a small JPEG cut in half ends inside its tables, during Image.open), "broken data stream"
+    for a cut PNG or GIF stream; bytes that are no image at all are UnidentifiedImageError.
+    """
+    message = str(exc).lower()
+    return TRUNCATED if "truncated" in message or "broken data" in message else NOT_AN_IMAGE
+
+
 def decode_image(data: bytes, cfg: FetchConfig) -> Image.Image:
     """Decode bytes into a fully loaded image, refusing bombs before their pixels are allocated."""
     if not data:
@@ -109,7 +120,7 @@ def decode_image(data: bytes, cfg: FetchConfig) -> Image.Image:
         except Image.DecompressionBombError as exc:
             raise ImageRejected(DECOMPRESSION_BOMB, str(exc)) from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise ImageRejected(NOT_AN_IMAGE, str(exc) or type(exc).__name__) from None
+            raise ImageRejected(_decode_error_reason(exc), str(exc) or type(exc).__name__) from None
         _check_geometry(image.width, image.height, cfg)
         if image.format == "JPEG":
             # Let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) when the result is still >= max_side:
@@ -124,9 +135,7 @@ def decode_image(data: bytes, cfg: FetchConfig) -> Image.Image:
         except Image.DecompressionBombError as exc:
             raise ImageRejected(DECOMPRESSION_BOMB, str(exc)) from None
         except OSError as exc:
-            message = str(exc)
-            reason = TRUNCATED if "truncated" in message or "broken data" in message else NOT_AN_IMAGE
-            raise ImageRejected(reason, message) from None
+            raise ImageRejected(_decode_error_reason(exc), str(exc)) from None
         except (ValueError, SyntaxError, EOFError) as exc:
             raise ImageRejected(NOT_AN_IMAGE, str(exc) or type(exc).__name__) from None
     try:

@@ -26,9 +26,17 @@ def _matcher(queries: list[str], digest: str) -> QueryMatcher:
     return matcher
 
 
-def count_partition(source: CandidateSource, part: Partition) -> query_lib.NgramCounts:
+def caption_too_long(caption: str, max_bytes: int) -> bool:
+    """More than `max_bytes` UTF-8 bytes (`collect.max_caption_bytes`). Such captions are refused before matching
+    (reason `caption_too_long`): one long run of a letter made tokenizer training take minutes."""
+    # A character is at most 4 bytes, so short captions need no encoding; lone surrogates count, never raise.
+    return len(caption) * 4 > max_bytes and len(caption.encode("utf-8", "surrogatepass")) > max_bytes
+
+
+def count_partition(source: CandidateSource, max_caption_bytes: int, part: Partition) -> query_lib.NgramCounts:
     """Word / bigram counts of one partition's captions (for mining queries from the pool)."""
-    return query_lib.NgramCounts().add_texts(c.caption for c in source.iter_candidates(part))
+    return query_lib.NgramCounts().add_texts(
+        c.caption for c in source.iter_candidates(part) if not caption_too_long(c.caption, max_caption_bytes))
 
 
 @dataclass
@@ -42,13 +50,15 @@ class PartitionMatches:
     texts: dict[int, tuple[str, str | None]]  # row -> (caption, url), matched rows only
 
 
-def match_partition(source: CandidateSource, queries: list[str], digest: str, part: Partition) -> PartitionMatches:
-    """Match every caption of `part` against all `queries`; `digest` names the query list (matcher cache key)."""
+def match_partition(source: CandidateSource, queries: list[str], digest: str, max_caption_bytes: int,
+                    part: Partition) -> PartitionMatches:
+    """Match every caption of `part` against all `queries`; `digest` names the query list (matcher cache key).
+    Captions over `max_caption_bytes` match nothing, so they never get a key."""
     matcher = _matcher(queries, digest)
     captions: list[str] = []
     urls: list[str | None] = []
     for cand in source.iter_candidates(part):
-        captions.append(cand.caption)
+        captions.append("" if caption_too_long(cand.caption, max_caption_bytes) else cand.caption)
         urls.append(cand.url)
     offsets, query_ids = matcher.match_many(captions)
     matched = np.flatnonzero(np.diff(offsets)).tolist()

@@ -148,7 +148,23 @@ def _open_binary(uri: str, storage_cfg: StorageConfig | None):
 
 
 def _text_or_empty(value: Any) -> str:
+    if isinstance(value, bytes):  # a text column read as bytes (`_column_values`): bad UTF-8 becomes U+FFFD
+        return value.decode("utf-8", errors="replace")
     return "" if value is None else str(value)
+
+
+def _column_values(batch: Any, column: str) -> list[Any]:
+    """A record batch column as Python values, text as bytes: one invalid UTF-8 byte in one caption must not
+    refuse the whole file (pyarrow's text readers fail on it), so text is decoded row by row with
+    errors="replace", as the folder and webdataset sources read their captions."""
+    import pyarrow as pa
+
+    values = batch.column(batch.schema.get_field_index(column))
+    if pa.types.is_string(values.type):
+        values = values.cast(pa.binary())  # no UTF-8 check, no copy
+    elif pa.types.is_large_string(values.type):
+        values = values.cast(pa.large_binary())
+    return values.to_pylist()
 
 
 _SCAN_BLOCK_BYTES = 8 << 20
@@ -351,9 +367,10 @@ class TableSource(CandidateSource):
                         parse_options=pacsv.ParseOptions(
                             delimiter="\t" if self.fmt == "tsv" else ",", newlines_in_values=True
                         ),
-                        # Everything as text: type inference on the first block could guess wrong for later ones.
+                        # Everything as bytes: type inference on the first block could guess wrong for later
+                        # ones, and a string column refuses the whole file for one invalid UTF-8 byte.
                         convert_options=pacsv.ConvertOptions(
-                            column_types=dict.fromkeys(self.source._columns(), pa.string()),
+                            column_types=dict.fromkeys(self.source._columns(), pa.binary()),
                             strings_can_be_null=True,
                         ),
                     )
@@ -392,8 +409,8 @@ class TableSource(CandidateSource):
         _fmt, path, _groups = part.spec
         row = 0
         for batch in self._batches(part):
-            urls = batch.column(batch.schema.get_field_index(self.cfg.url_column)).to_pylist()
-            captions = batch.column(batch.schema.get_field_index(self.cfg.caption_column)).to_pylist()
+            urls = _column_values(batch, self.cfg.url_column)
+            captions = _column_values(batch, self.cfg.caption_column)
             for url, caption in zip(urls, captions, strict=True):
                 yield Candidate(f"{path}:{part.index}:{row}", _text_or_empty(caption), _text_or_empty(url) or None)
                 row += 1

@@ -120,7 +120,8 @@ def build_query_list(cfg: CollectConfig, source: CandidateSource, parts: list[Pa
     elif qcfg.from_captions and not vocabulary:
         counts = query_lib.NgramCounts()
         parallel = runner.wants_cluster(len(parts), MIN_PARTITIONS_FOR_CLUSTER)
-        for part_counts in runner.run(count_partition, (source,), ((p,) for p in parts), parallel):
+        for part_counts in runner.run(count_partition, (source, cfg.max_caption_bytes), ((p,) for p in parts),
+                                      parallel):
             counts.merge(part_counts)
         thresholds = query_lib.scaled_thresholds(qcfg, counts.num_texts)
     extra: list[str] = []
@@ -229,7 +230,8 @@ def _collect(
         match_start = time.monotonic()
         parallel = runner.wants_cluster(len(parts), MIN_PARTITIONS_FOR_CLUSTER)
         results = sorted(
-            runner.run(match_partition, (source, queries, query_digest), ((p,) for p in parts), parallel),
+            runner.run(match_partition, (source, queries, query_digest, cfg.max_caption_bytes),
+                       ((p,) for p in parts), parallel),
             key=lambda r: r.index,
         )
         part_start = np.cumsum([0] + [r.num_rows for r in results])  # global id of each partition's row 0

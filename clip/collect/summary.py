@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from clip.collect.build import ShardTask
-from clip.collect.partitions import PartitionMatches
+from clip.collect.net.reasons import CAPTION_TOO_LONG
+from clip.collect.partitions import PartitionMatches, caption_too_long
 from clip.collect.sources import CandidateSource, Partition
 from clip.collect.writer import RawOutput
 from clip.config import CollectConfig
@@ -33,7 +34,8 @@ def write_summaries(
     """candidates.parquet (streamed, one partition at a time), query_counts.json; returns the stats.
 
     candidates.parquet: kept candidates carry key, shard, their assigned query and the status from their
-    shard's record; skipped ones have no key: `query_full` names their rarest matching query, `no_query` none.
+    shard's record; skipped ones have no key: `query_full` names their rarest matching query, `no_query` none;
+    nor have those filtered as `caption_too_long` (refused before matching).
     `balanced`: the `clip.collect.matching.balance` result; `part_start[p]`: global id of partition p's row 0.
     """
     import pyarrow as pa
@@ -70,6 +72,8 @@ def write_summaries(
                     query, shard = entry_query[candidate], raw_shard_name(shard_index)
                     if status == "ok":
                         ok_per_query[query] += 1
+                elif caption_too_long(cand.caption, cfg.max_caption_bytes):  # refused before matching
+                    status, reason = "filtered", CAPTION_TOO_LONG
                 else:
                     status = "skipped"
                     matched = qids[offsets[row]:offsets[row + 1]]

@@ -138,9 +138,9 @@ def hash_registry_dataset(key: str, root: str | Path,
 
 def registry_keys(names: list[str]) -> list[str]:
     """The registry datasets among evaluation names (the synthetic sets and other kinds are handled elsewhere)."""
-    from clip.evalsets import list_datasets
+    from clip.evalsets import list_datasets, list_shift_datasets
 
-    known = set(list_datasets())
+    known = set(list_datasets()) | set(list_shift_datasets())  # the distribution shift sets are scored too
     return [name for name in names if name in known]
 
 

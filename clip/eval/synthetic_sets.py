@@ -14,11 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from clip.evalsets.base import EvalSet
-from clip.synthetic import EVAL_SET_NAMES, eval_classnames, generate_eval_set
+from clip.synthetic import EVAL_SET_NAMES, EVAL_TEMPLATES, eval_classnames, generate_eval_set
 
 SYNTHETIC_ALIAS = "synthetic"  # in evaluate.datasets: all of EVAL_SET_NAMES
-SYNTHETIC_TEMPLATES = ["a photo of a {}.", "a {}", "a picture of a {}", "a drawing of a {}",
-                       "a simple illustration of a {}", "clip art of a {}"]
+SYNTHETIC_TEMPLATES = list(EVAL_TEMPLATES)
 SPLITS = ("train", "test")
 
 

@@ -52,6 +52,14 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
+def check_counts(images: int, labels: int, images_file: Path | str, labels_file: Path | str) -> None:
+    """Images and labels read from a release must pair up one to one: a mismatch (a half-written or mixed-up
+    file) would otherwise score the shorter list silently. FormatError naming both files and both counts."""
+    if images != labels:
+        where = f"{labels_file}" if str(labels_file) == str(images_file) else f"{labels_file} and {images_file}"
+        raise FormatError(f"{where}: {labels} labels for {images} images (a truncated or mismatched file)")
+
+
 def require_root(root: Path, key: str) -> Path:
     if not root.is_dir():
         raise MissingInputError(f"{key}: no data at {root}")
@@ -100,9 +108,14 @@ class ClassMap:
         return index
 
     def by_label(self, label: int, source_file: Path | str) -> int:
-        if not 0 <= int(label) < len(self.classes):
-            raise FormatError(f"{source_file}: label {label} outside 0..{len(self.classes) - 1}")
-        return int(label)
+        return check_label(label, len(self.classes), source_file)
+
+
+def check_label(label: int, num_classes: int, source_file: Path | str) -> int:
+    """An integer label must index a class: a negative one would wrap to the last class in Python indexing."""
+    if not 0 <= int(label) < num_classes:
+        raise FormatError(f"{source_file}: label {label} outside 0..{num_classes - 1}")
+    return int(label)
 
 
 @dataclass

@@ -10,6 +10,10 @@ Splits are named `train`, `val` and `test` everywhere; `test` is what the paper 
 test labels were never released, and for CLEVR, whose test scenes were not, it is the release's validation set;
 for Hateful Memes it is `dev_seen`, the labelled set the paper used). `val` exists only where the release has one.
 
+The natural distribution shift sets of the paper's section 3.3 (ImageNetV2, ImageNet-Sketch, ImageNet-R,
+ImageNet-A, ObjectNet; clip.evalsets.imagenet_shifts) are entries too, outside the 27 (`list_shift_datasets()`):
+ImageNet's class names, WordNet ids and templates, a `test` split only, their own layouts and loaders.
+
 Metric kinds (clip.eval.metrics.compute_metric): `accuracy` (top-1), `mean_per_class` (mean per-class recall:
 FGVC Aircraft, Oxford-IIIT Pets, Caltech-101, Oxford Flowers 102), `map_11point` (VOC 2007), `roc_auc` (Hateful
 Memes), `top1_top5_mean` (Kinetics700).
@@ -23,7 +27,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from clip.evalsets import release, torchvision_sets, video
+from clip.evalsets import imagenet_shifts, release, torchvision_sets, video
 from clip.evalsets.base import EvalSet, check_split, require_root
 
 METRIC_KINDS = ("accuracy", "mean_per_class", "map_11point", "roc_auc", "top1_top5_mean")
@@ -130,7 +134,7 @@ _LOADERS = {
     "birdsnap": release.birdsnap, "sun397": release.sun397, "caltech101": release.caltech101,
     "fer2013": release.fer2013, "resisc45": release.resisc45, "kitti_distance": release.kitti_distance,
     "clevr_counts": release.clevr_counts, "hateful_memes": release.hateful_memes, "imagenet": release.imagenet,
-    "ucf101": video.ucf101, "kinetics700": video.kinetics700,
+    "ucf101": video.ucf101, "kinetics700": video.kinetics700, **imagenet_shifts.LOADERS,
 }
 # Class counts of the paper's Table 9 (the prompt lists give names; Kinetics700's published list is incomplete).
 _NUM_CLASSES = {"kinetics700": 700}
@@ -153,12 +157,23 @@ def _entries() -> dict[str, DatasetEntry]:
             class_ids=tuple(ids) if ids else None,
             num_classes=_NUM_CLASSES.get(key, len(data["classes"])), source=data["source"],
             class_synonyms=data.get("class_synonyms"))
+    imagenet = entries["imagenet"]
+    for key, name, subdir, layout, num_classes, source in imagenet_shifts.SHIFT_TABLE:
+        entries[key] = DatasetEntry(
+            key=key, name=name, metric="accuracy", splits=("test",), subdir=subdir, layout=layout,
+            classes=imagenet.classes, templates=imagenet.templates, class_ids=imagenet.class_ids,
+            num_classes=num_classes, source=f"{source}; class names, wnids and templates: {imagenet.source}")
     return entries
 
 
 def list_datasets() -> list[str]:
     """The keys of the 27 datasets, in the order of the paper's Table 9."""
     return [row[0] for row in _TABLE]
+
+
+def list_shift_datasets() -> list[str]:
+    """The keys of the natural distribution shift sets (section 3.3): ImageNetV2, -Sketch, -R, -A, ObjectNet."""
+    return list(imagenet_shifts.SHIFT_KEYS)
 
 
 def get_dataset(key: str) -> DatasetEntry:

@@ -11,15 +11,16 @@ constraints.txt, and tests/test_eval_datasets*.py run every loader on a fixture 
 
 from __future__ import annotations
 
+import codecs
 import pickle
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
-from clip.evalsets.base import ClassMap, EvalSet, image_list, require, stable_split
+from clip.evalsets.base import ClassMap, EvalSet, check_counts, check_label, image_list, require, stable_split
 from clip.formats.errors import FormatError
 
 if TYPE_CHECKING:
@@ -45,8 +46,11 @@ def _class_map(entry: DatasetEntry) -> ClassMap:
     return ClassMap(entry.classes, entry.class_ids)
 
 
-def _arrays(entry: DatasetEntry, base: Path, split: str, images, labels: list, source: str) -> EvalSet:
-    """An EvalSet over images held in memory (uint8 arrays, HWC or HW)."""
+def _arrays(entry: DatasetEntry, base: Path, split: str, images, labels: list, images_file: Path,
+            labels_file: Path) -> EvalSet:
+    """An EvalSet over images held in memory (uint8 arrays, HWC or HW), as many as there are labels."""
+    check_counts(len(images), len(labels), images_file, labels_file)
+    source = images_file.name
     return EvalSet(key=entry.key, split=split, root=base, classes=list(entry.classes),
                    ids=[f"{source}#{i}" for i in range(len(labels))], labels=labels,
                    load_image=lambda i: Image.fromarray(np.asarray(images[i])))
@@ -59,14 +63,59 @@ def _files(entry: DatasetEntry, base: Path, split: str, paths, names, source_fil
     return image_list(entry.key, split, base, list(entry.classes), items)
 
 
+# The globals a CIFAR python release may name: numpy's array, dtype and scalar reconstructors (numpy 1 spells
+# their module `numpy.core`, numpy 2 `numpy._core`; protocol 5 rebuilds arrays with `_frombuffer`) and
+# `_codecs.encode` (bytes pickled by Python 3 at protocol 0-2). Nothing else: any other global in a pickle is a
+# callable the file chooses, which is how a crafted file runs code.
+_CIFAR_GLOBALS = {
+    (module, name): obj
+    for core in ("numpy.core", "numpy._core")
+    for module, name, obj in (
+        (f"{core}.multiarray", "_reconstruct", np.zeros(0).__reduce__()[0]),
+        (f"{core}.multiarray", "scalar", np.float64(0).__reduce__()[0]),
+        (f"{core}.numeric", "_frombuffer", np.zeros(0).__reduce_ex__(5)[0]),
+    )
+} | {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only `_CIFAR_GLOBALS`: an evaluation folder is data, never code."""
+
+    def __init__(self, file: BinaryIO, path: Path):
+        super().__init__(file, encoding="latin1")  # the release was pickled by Python 2
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise FormatError(f"{self.path}: refused to load global {module}.{name} (a CIFAR file holds only "
+                              f"numpy arrays, lists, strings and numbers)")
+        return _CIFAR_GLOBALS[module, name]
+
+
+def read_cifar_pickle(path: Path) -> dict:
+    """One file of the CIFAR python release (a pickled dict), read without running anything it names."""
+    try:
+        with open(path, "rb") as f:
+            loaded = _CifarUnpickler(f, path).load()
+    except FormatError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError) as exc:
+        raise FormatError(f"{path}: not a CIFAR python pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(loaded, dict):
+        raise FormatError(f"{path}: not a CIFAR python pickle (a {type(loaded).__name__}, expected a dict)")
+    return loaded
+
+
 def cifar(entry: DatasetEntry, base: Path, split: str) -> EvalSet:
     """CIFAR-10 (`batches.meta`, `data_batch_1..5`, `test_batch`) and CIFAR-100 (`meta`, `train`, `test`)."""
     ten = entry.key == "cifar10"
     meta_file = require(base / ("batches.meta" if ten else "meta"), entry.key)
     names_key = "label_names" if ten else "fine_label_names"
     labels_key = "labels" if ten else "fine_labels"
-    with open(meta_file, "rb") as f:
-        names = pickle.load(f, encoding="latin1")[names_key]
+    names = read_cifar_pickle(meta_file).get(names_key)
+    if not isinstance(names, list):
+        raise FormatError(f"{meta_file}: expected a list {names_key!r} of class names")
     if split == "train":
         files = [f"data_batch_{i}" for i in range(1, 6)] if ten else ["train"]
     else:
@@ -75,15 +124,16 @@ def cifar(entry: DatasetEntry, base: Path, split: str) -> EvalSet:
     images, labels = [], []
     for name in files:
         path = require(base / name, entry.key)
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
+        batch = read_cifar_pickle(path)
         try:
             data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-            images.extend(data)
-            labels.extend(cmap(names[int(y)], meta_file) for y in batch[labels_key])
-        except (KeyError, ValueError) as exc:
-            raise FormatError(f"{path}: not a CIFAR batch ({exc})") from exc
-    return _arrays(entry, base, split, images, labels, files[0])
+            ys = [int(y) for y in batch[labels_key]]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise FormatError(f"{path}: not a CIFAR batch ({type(exc).__name__}: {exc})") from None
+        check_counts(len(data), len(ys), path, path)  # per file: two wrong files could cancel out in the total
+        images.extend(data)
+        labels.extend(cmap(names[check_label(y, len(names), path)], meta_file) for y in ys)
+    return _arrays(entry, base, split, images, labels, base / files[0], base / files[0])
 
 
 def stl10(entry: DatasetEntry, base: Path, split: str) -> EvalSet:
@@ -95,21 +145,20 @@ def stl10(entry: DatasetEntry, base: Path, split: str) -> EvalSet:
         raise FormatError(f"{x_file}: size {raw.size} is not a whole number of 3x96x96 images")
     images = raw.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)  # stored column-major: (N, C, W, H) -> (N, H, W, C)
     ys = np.fromfile(y_file, dtype=np.uint8)
-    if len(ys) != len(images):
-        raise FormatError(f"{y_file}: {len(ys)} labels for {len(images)} images in {x_file.name}")
+    check_counts(len(images), len(ys), x_file, y_file)
     cmap = _class_map(entry)
-    labels = [cmap(names[int(y) - 1], base / "class_names.txt") for y in ys]
-    return _arrays(entry, base, split, images, labels, x_file.name)
+    labels = [cmap(names[check_label(int(y) - 1, len(names), y_file)], base / "class_names.txt") for y in ys]
+    return _arrays(entry, base, split, images, labels, x_file, y_file)
 
 
 def mnist(entry: DatasetEntry, base: Path, split: str) -> EvalSet:
     prefix = "train" if split == "train" else "t10k"
-    require(base / "raw" / f"{prefix}-images-idx3-ubyte", entry.key)
-    require(base / "raw" / f"{prefix}-labels-idx1-ubyte", entry.key)
+    images_file = require(base / "raw" / f"{prefix}-images-idx3-ubyte", entry.key)
+    labels_file = require(base / "raw" / f"{prefix}-labels-idx1-ubyte", entry.key)
     ds = _make(_tv().MNIST, base, str(base.parent), train=split == "train")
     cmap = _class_map(entry)
-    labels = [cmap.by_label(int(y), base / "raw") for y in ds.targets]
-    return _arrays(entry, base, split, ds.data.numpy(), labels, f"{prefix}-images-idx3-ubyte")
+    labels = [cmap.by_label(int(y), labels_file) for y in ds.targets]
+    return _arrays(entry, base, split, ds.data.numpy(), labels, images_file, labels_file)
 
 
 def food101(entry: DatasetEntry, base: Path, split: str) -> EvalSet:
@@ -210,8 +259,7 @@ def pcam(entry: DatasetEntry, base: Path, split: str) -> EvalSet:
     with h5py.File(y_file, "r") as f:
         ys = np.asarray(f["y"]).reshape(-1)
     ds = _make(_tv().PCAM, base, str(base.parent), split=split)
-    if len(ds) != len(ys):
-        raise FormatError(f"{y_file}: {len(ys)} labels for {len(ds)} images in {x_file.name}")
+    check_counts(len(ds), len(ys), x_file, y_file)
     cmap = _class_map(entry)
     labels = [cmap.by_label(int(y), y_file) for y in ys]
     return EvalSet(key=entry.key, split=split, root=base, classes=list(entry.classes),

@@ -1,4 +1,4 @@
-"""Publishing the bundle folder (docs/formats.md "Export bundle"): complete or absent, local or s3://.
+"""Publishing the bundle (docs/formats.md "Export bundle"): the old one or the new one, never neither; local or s3://.
 
     text = model_card(info)                         # markdown, with a marked evaluation section
     manifest = publish_bundle(folder, contents, info, storage_cfg)
@@ -6,19 +6,32 @@
 What a reader can rely on:
 - Nothing is written before the parity gate has passed, so a failing export (missing checkpoint, mismatched
   weights, export error, parity failure) leaves whatever bundle was at the location untouched.
-- Publishing first removes the old `manifest.json` (a reader never sees an old manifest over new files), then
-  writes every file through `clip.storage` (atomic per file) and the manifest last via
-  `clip.formats.bundle.write_bundle`. If writing fails, the files written so far are removed again and no
-  manifest exists: the location holds no bundle rather than a mixed one.
+- Publishing never touches the files of the bundle being served. The new files go to a folder of their own,
+  `<folder>/versions/<version>/` (its own manifest last: a complete flat bundle), and only then is the top
+  `<folder>/manifest.json` replaced by one naming that version (one atomic write: a local rename, one S3 PUT).
+  That write is the switch: a reader sees the old bundle or the new one. A crash (SIGKILL included) at any
+  moment before it leaves the old bundle served and an unfinished version folder, removed by the next publish.
+- After the switch, version folders other than the new one and the one it replaced are removed (manifest
+  first), so a reader that resolved the old manifest just before the switch still finds its files; the files of
+  a flat bundle that was there before (the layout before versions) are removed too.
+- One publisher per folder: `<folder>/.lock` (clip.storage.lock) is held while publishing; a second export to
+  the same folder is refused naming the first.
 - model_card.md keeps a section between `EVALUATION_BEGIN` and `EVALUATION_END` (clip.formats.bundle). The bundle
   is never rewritten: the evaluation stage writes a copy of the card with that section filled beside its results,
   and the promote stage makes it the registered version's description.
+
+Fault injection (tests): with `CLIP_EXPORT_FAULT_KILL_AFTER_FILES=N` in the environment, the process SIGKILLs
+itself right after writing the N-th file of the new version folder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import signal
+from dataclasses import replace
 from typing import Any
 
 from clip import storage
@@ -27,9 +40,14 @@ from clip.formats.bundle import (
     BUNDLE_MANIFEST_NAME,
     EVALUATION_BEGIN,
     EVALUATION_END,
+    VERSIONS_DIR,
     BundleManifest,
+    new_version_name,
+    parse_bundle_manifest,
     write_bundle,
 )
+from clip.formats.errors import FormatError
+from clip.storage.lock import output_lock
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +109,84 @@ def model_card(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+FAULT_KILL_ENV = "CLIP_EXPORT_FAULT_KILL_AFTER_FILES"
+
+
+def _fault_hook() -> Any:
+    """The test hook of the module doc: None unless the environment asks for it."""
+    after = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
+    if after <= 0:
+        return None
+    written: list[str] = []
+
+    def on_written(name: str) -> None:
+        written.append(name)
+        if len(written) >= after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_written
+
+
+def _current(folder: str, storage_cfg: StorageConfig | None) -> BundleManifest | None:
+    """The manifest being served at `folder` (None: none, or one that does not parse: nothing to keep)."""
+    uri = storage.join(folder, BUNDLE_MANIFEST_NAME)
+    try:
+        return parse_bundle_manifest(storage.read_bytes(uri, storage_cfg), uri)
+    except FileNotFoundError:
+        return None
+    except FormatError as exc:
+        log.warning("%s; replacing it", exc)
+        return None
+
+
+def _remove_version(location: str, storage_cfg: StorageConfig | None) -> None:
+    """One version folder: its manifest first (never a complete-looking half), then the rest."""
+    storage.delete(storage.join(location, BUNDLE_MANIFEST_NAME), storage_cfg)
+    if storage.is_s3_uri(location):
+        for info in storage.list_objects(location, storage_cfg):
+            storage.delete(info.uri, storage_cfg)
+    else:
+        shutil.rmtree(storage.to_local_path(location), ignore_errors=True)
+
+
+def prune_versions(folder: str, keep: set[str], storage_cfg: StorageConfig | None = None) -> list[str]:
+    """Remove every version folder under `<folder>/versions/` not in `keep`; returns the removed names."""
+    root = storage.join(folder, VERSIONS_DIR)
+    if storage.is_s3_uri(root):
+        prefix = root.rstrip("/") + "/"
+        names = {info.uri[len(prefix):].split("/", 1)[0] for info in storage.list_objects(root, storage_cfg)}
+    else:
+        path = storage.to_local_path(root)
+        names = {entry.name for entry in path.iterdir()} if path.is_dir() else set()
+    removed = sorted(names - keep)
+    for name in removed:
+        try:
+            _remove_version(storage.join(root, name), storage_cfg)
+        except Exception as exc:  # the switch is done; what is left is removed by the next publish
+            log.warning("could not remove the old bundle version %s: %s", storage.join(root, name), exc)
+    return removed
+
+
 def publish_bundle(folder: str, contents: dict[str, bytes], info: dict[str, Any],
                    storage_cfg: StorageConfig | None = None) -> BundleManifest:
-    """Replace whatever bundle is at `folder` with `contents` + manifest; on failure leave no manifest."""
-    manifest_uri = storage.join(folder, BUNDLE_MANIFEST_NAME)
-    if storage.exists(manifest_uri, storage_cfg):
-        storage.delete(manifest_uri, storage_cfg)
-    try:
-        return write_bundle(folder, contents, info, storage_cfg)
-    except BaseException:
-        for name in [BUNDLE_MANIFEST_NAME, *sorted(contents)]:
+    """Write `contents` as a new version of the bundle at `folder`, switch the top manifest to it, prune."""
+    with output_lock(folder, "export", storage_cfg):
+        previous = _current(folder, storage_cfg)
+        manifest = BundleManifest.build(contents, info)
+        version = new_version_name(manifest)
+        location = storage.join(folder, VERSIONS_DIR, version)
+        try:
+            write_bundle(location, contents, info, storage_cfg, on_written=_fault_hook())
+        except BaseException:
             try:
+                _remove_version(location, storage_cfg)
+            except Exception as exc:  # keep the original error; the next publish removes the rest
+                log.warning("could not remove %s after a failed publish: %s", location, exc)
+            raise
+        storage.write_bytes(storage.join(folder, BUNDLE_MANIFEST_NAME), manifest.pointer_bytes(version), storage_cfg)
+        keep = {version} | ({previous.version} if previous is not None and previous.version else set())
+        prune_versions(folder, keep, storage_cfg)
+        if previous is not None and previous.version is None:  # a flat bundle was served: its files are stale now
+            for name in previous.files:
                 storage.delete(storage.join(folder, name), storage_cfg)
-            except Exception as exc:  # keep the original error; report what could not be cleaned
-                log.warning("could not remove %s after a failed publish: %s", storage.join(folder, name), exc)
-        raise
+    return replace(manifest, version=version)

@@ -4,10 +4,12 @@
     result = stage.run(cfg.export, storage=cfg.storage, compute=cfg.compute)
     result.bundle, result.metrics["image_min_cosine"]
 
-Steps: resolve the checkpoint (`export.checkpoint`; null = the newest `final.pt` under `export.runs_dir`), load
-it strictly (its `model_config` must fit its weights), export both towers (clip.export.onnx_export), run the
-parity gate (clip.export.parity) and only then publish the bundle (clip.export.publish): a failure anywhere
-before publishing writes nothing and leaves an existing bundle alone. The export runs on the CPU in float32
+Steps: resolve the checkpoint (`export.checkpoint`; null: the final.pt of the training run of the data version
+asked about, `train_run`, which pipelines/export.py resolves from the data version latest.json names; a checkpoint
+there of another data version is refused), load it strictly (its `model_config` must fit its weights), export both
+towers (clip.export.onnx_export), run the parity gate (clip.export.parity) and only then publish the bundle
+(clip.export.publish: a new version folder, then the top manifest switched to it): a failure anywhere, a crash
+included, leaves an existing bundle served. The export runs on the CPU in float32
 whatever `compute` says (the bundle's reference runtime is onnxruntime on the CPU); `tracking` is accepted for the
 common stage shape: the figures go to the stage metrics and the bundle manifest.
 """
@@ -19,7 +21,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from clip import storage as storage_lib
@@ -36,8 +37,15 @@ from clip.formats.bundle import (
     PREPROCESS_NAME,
     TEXT_ENCODER_NAME,
     TOKENIZER_NAME,
+    bundle_files_location,
 )
-from clip.formats.checkpoint import FINAL_NAME, MLFLOW_RUN_KEY, read_model_checkpoint
+from clip.formats.checkpoint import (
+    FINAL_NAME,
+    MLFLOW_RUN_KEY,
+    TrainedRun,
+    final_checkpoint,
+    read_model_checkpoint,
+)
 from clip.formats.errors import FormatError, MissingInputError
 from clip.model import CLIP, StateDictMismatchError, check_state_dict, create_model_from_config
 from clip.model.model import LOGIT_SCALE_MAX
@@ -55,7 +63,8 @@ Tamper = Callable[[str, bytes], bytes]  # (bundle file name, ONNX bytes) -> byte
 
 @dataclass(kw_only=True)
 class ExportResult(StageResult):
-    """metrics: parity figures per tower, sizes, timings; outputs: `bundle`, `manifest`; bundle: its location;
+    """metrics: parity figures per tower, sizes, timings; outputs: `bundle`, `manifest` (the top one, the pointer),
+    `files` (the version folder published); bundle: its location;
     info: the manifest's `info` (what evaluation and promotion read)."""
 
     bundle: str
@@ -72,36 +81,20 @@ class LoadedCheckpoint:
     data: dict[str, Any]
 
 
-def newest_final(runs_dir: str, storage_cfg: StorageConfig | None = None) -> str:
-    """The newest `<runs_dir>/<run>/final.pt`: by modification time locally; on S3 there must be exactly one."""
-    if storage_lib.is_s3_uri(runs_dir):
-        finals = [o.uri for o in storage_lib.list_objects(runs_dir, storage_cfg)
-                  if storage_lib.basename(o.uri) == FINAL_NAME
-                  and o.uri[len(runs_dir.rstrip("/")) + 1:].count("/") == 1]
-        if len(finals) > 1:
-            raise ValueError(f"several finished runs under {runs_dir}: set export.checkpoint to the one to export")
-    else:
-        found = sorted(Path(runs_dir).glob(f"*/{FINAL_NAME}"), key=lambda p: (p.stat().st_mtime_ns, str(p)))
-        finals = [str(found[-1])] if found else []
-    if not finals:
-        raise MissingInputError(f"no finished training run under {runs_dir} (no */{FINAL_NAME}; "
-                                "run the train stage or set export.checkpoint)")
-    return finals[-1]
-
-
-def resolve_checkpoint(cfg: ExportConfig, storage_cfg: StorageConfig | None = None) -> str:
-    """The checkpoint file to export: `export.checkpoint` (a file, or a run folder's final.pt) or the newest run."""
-    if cfg.checkpoint is None:
-        return newest_final(cfg.runs_dir, storage_cfg)
-    if storage_lib.exists(cfg.checkpoint, storage_cfg) and (
-            storage_lib.is_s3_uri(cfg.checkpoint) or Path(cfg.checkpoint).is_file()):
-        return cfg.checkpoint
-    if cfg.checkpoint.endswith(".pt"):
-        raise MissingInputError(f"checkpoint {cfg.checkpoint} does not exist (export.checkpoint)")
-    final = storage_lib.join(cfg.checkpoint, FINAL_NAME)
+def resolve_checkpoint(cfg: ExportConfig, storage_cfg: StorageConfig | None = None,
+                       train_run: TrainedRun | None = None) -> str:
+    """The checkpoint file to export: `export.checkpoint` (a file, or a run folder's final.pt), else the final.pt
+    of `train_run`, the run of the data version asked about (never the newest file: after latest.json moved back
+    to an older version, the newest run is the other version's)."""
+    if cfg.checkpoint is not None:
+        return final_checkpoint(cfg.checkpoint, storage_cfg, "export.checkpoint")
+    if train_run is None:
+        raise ValueError("export.checkpoint is null and no training run was named: set export.checkpoint, or run "
+                         "the export stage through pipelines/export.py (the run of the data version latest.json names)")
+    final = storage_lib.join(train_run.folder, FINAL_NAME)
     if not storage_lib.exists(final, storage_cfg):
-        raise MissingInputError(f"no {FINAL_NAME} in {cfg.checkpoint} (export.checkpoint): the run is missing or "
-                                "has not finished")
+        raise MissingInputError(f"no finished training run for data version {train_run.data_version[:12]}: {final} "
+                                "does not exist (run the train stage, or set export.checkpoint)")
     return final
 
 
@@ -149,8 +142,9 @@ def bundle_info(ckpt: LoadedCheckpoint, parity: dict[str, Any]) -> dict[str, Any
 
 
 def export_bundle(cfg: ExportConfig, storage_cfg: StorageConfig, progress: Progress | None = None,
-                  tamper: Tamper | None = None) -> ExportResult:
-    """The stage's work. `tamper` (tests only) may alter an exported model's bytes before the parity gate."""
+                  tamper: Tamper | None = None, train_run: TrainedRun | None = None) -> ExportResult:
+    """The stage's work (`train_run`: see `resolve_checkpoint`). `tamper` (tests only) may alter an exported
+    model's bytes before the parity gate."""
     timings: dict[str, float] = {}
     tick = time.monotonic()
 
@@ -164,7 +158,11 @@ def export_bundle(cfg: ExportConfig, storage_cfg: StorageConfig, progress: Progr
             progress(TASK, index, len(STEPS), STEPS[index] if index < len(STEPS) else "done")
 
     step(0)
-    ckpt = load_checkpoint(resolve_checkpoint(cfg, storage_cfg), storage_cfg)
+    ckpt = load_checkpoint(resolve_checkpoint(cfg, storage_cfg, train_run), storage_cfg)
+    if train_run is not None and cfg.checkpoint is None and ckpt.data.get("data_version") != train_run.data_version:
+        raise FormatError(f"{ckpt.uri} was trained on data version {str(ckpt.data.get('data_version'))[:12]}, "
+                          f"not on {train_run.data_version[:12]}, the version asked about: train it, or set "
+                          "export.checkpoint")
     step(1)
     image_onnx = export_image_encoder(ckpt.model, cfg.opset)
     step(2)
@@ -190,7 +188,7 @@ def export_bundle(cfg: ExportConfig, storage_cfg: StorageConfig, progress: Progr
         contents[INT8_IMAGE_ENCODER_NAME] = quantized.model
         info["int8"] = quantized.report
         timings.update({key: value for key, value in quantized.report.items() if isinstance(value, int | float)})
-    publish_bundle(cfg.output_dir, contents, info, storage_cfg)
+    published = publish_bundle(cfg.output_dir, contents, info, storage_cfg)
     step(5)
     metrics: dict[str, Any] = {
         **report.figures,
@@ -202,19 +200,22 @@ def export_bundle(cfg: ExportConfig, storage_cfg: StorageConfig, progress: Progr
         "image_encoder_bytes": len(image_onnx),
         "text_encoder_bytes": len(text_onnx),
         "bundle": cfg.output_dir,
+        "bundle_version": published.version,
     }
-    outputs = {"bundle": cfg.output_dir, "manifest": storage_lib.join(cfg.output_dir, BUNDLE_MANIFEST_NAME)}
+    outputs = {"bundle": cfg.output_dir, "manifest": storage_lib.join(cfg.output_dir, BUNDLE_MANIFEST_NAME),
+               "files": bundle_files_location(cfg.output_dir, published)}
     return ExportResult(metrics=metrics, outputs=outputs, bundle=cfg.output_dir, info=info)
 
 
 def run(
     cfg: ExportConfig, *, storage: StorageConfig, compute: ComputeConfig, tracking: TrackingConfig | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, train_run: TrainedRun | None = None,
 ) -> ExportResult:
     """Export, check and publish; raises (one line, naming the input) without writing anything on bad input or a
-    failed parity gate. With tracking: an MLflow run with the parity figures, sizes and timings as metrics, the
-    lineage as tags (data version, training run, checkpoint sha256) and the model card as an artifact."""
-    result = export_bundle(cfg, storage, progress)
+    failed parity gate. `train_run`: the run to export when `export.checkpoint` is null (`resolve_checkpoint`).
+    With tracking: an MLflow run with the parity figures, sizes and timings as metrics, the lineage as tags (data
+    version, training run, checkpoint sha256) and the model card as an artifact."""
+    result = export_bundle(cfg, storage, progress, train_run=train_run)
     tracker = Tracker(tracking) if tracking is not None else None
     if tracker is not None and tracker.enabled:
         info = result.info
@@ -223,6 +224,6 @@ def run(
                                "checkpoint_sha256": info.get("checkpoint_sha256"), "model": info.get("model")}):
             tracker.log_metrics({key: float(value) for key, value in result.metrics.items()
                                  if isinstance(value, int | float) and not isinstance(value, bool)})
-            card = storage_lib.read_bytes(storage_lib.join(cfg.output_dir, MODEL_CARD_NAME), storage)
+            card = storage_lib.read_bytes(storage_lib.join(result.outputs["files"], MODEL_CARD_NAME), storage)
             tracker.log_bytes(card, f"bundle/{MODEL_CARD_NAME}")
     return result

@@ -12,6 +12,7 @@ locations: local paths and s3:// URIs). Stage packages never import one another;
 | `step-NNNNNNNN.pt`, `final.pt` | train | `clip.formats.checkpoint` |
 | the export bundle and its `manifest.json` | export | `clip.formats.bundle` |
 | the evaluation results table | evaluate | `clip.formats.results` |
+| the photo search index (`index.json`, embeddings, parts) | `clip-pipeline index` | `clip.formats.index` |
 | `reports/metrics/<stage>.json` | every stage | `clip.formats.metrics` |
 | errors: missing, malformed, stale input | all | `clip.formats.errors` |
 

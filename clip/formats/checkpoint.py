@@ -5,7 +5,8 @@ primitive types, loadable with `torch.load(..., weights_only=True)`:
 - `MODEL_KEYS` (every checkpoint): `model` (state dict in clip.model's OpenAI layout), `model_config`
   (`CLIPConfig.to_dict()`), `tokenizer` (`Tokenizer.to_json()`), `train_config` (the resolved train section);
 - `TRAINING_STATE_KEYS` (what a resume needs): optimizer, scheduler, step, samples_seen, data_state, rng,
-  data_version; `mlflow_run_id`, the MLflow run a resume continues.
+  data_version; `mlflow_run_id`, the MLflow run of the training segment that wrote it (a resumed segment is a
+  run of its own that names it in its `clip.resumed_from_run` tag).
 A checkpoint is therefore self-contained: export and evaluation need nothing but its location. torch is imported
 only by the functions that need it, so reading names here stays light.
 
@@ -16,6 +17,11 @@ needs no torch.load of hundreds of MiB. Written after its checkpoint (and remove
 overwritten or deleted), so a sidecar never names a checkpoint that is not complete; its size and SHA-256 tie
 it to the exact bytes it describes. Checkpoints without one (written before sidecars, or a crash between the two
 writes) are read whole instead.
+
+Each checkpoint also carries its own checksum, `content_sha256` (`CONTENT_SHA_KEY`): the SHA-256 of its content
+(`content_digest`: every tensor's dtype, shape and bytes and every other value, in a fixed order), so a checkpoint
+read without its sidecar is still checked: a flipped byte inside a tensor, which torch.load does not notice, is
+refused by `parse_checkpoint` (FormatError naming the file). Checkpoints written before this key are not checked.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import hashlib
 import io
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from clip.formats.errors import FormatError
@@ -32,10 +39,12 @@ from clip.formats.jsondoc import parse_format_doc
 STEP_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 FINAL_NAME = "final.pt"
 LOSS_CURVE_NAME = "loss_curve.csv"  # in the run folder: step,loss,lr,logit_scale,samples_per_s per log window
+EPOCH_CURVE_NAME = "epoch_curve.csv"  # in the run folder: step,epoch,loss and per-set zero-shot top-1 per epoch
 MODEL_KEYS = ("model", "model_config", "tokenizer", "train_config")
 TRAINING_STATE_KEYS = ("optimizer", "scheduler", "step", "samples_seen", "data_state", "rng", "data_version")
 RUNS_DIR = "models/runs"  # where runs go when train.output is not set: one folder per (model, data version)
-MLFLOW_RUN_KEY = "mlflow_run_id"  # the MLflow run that trained it (None without tracking): a resume continues it
+MLFLOW_RUN_KEY = "mlflow_run_id"  # the MLflow run of the segment that wrote it (None without tracking)
+CONTENT_SHA_KEY = "content_sha256"  # the checkpoint's checksum of the rest of its content (content_digest)
 
 
 META_SUFFIX = ".meta.json"
@@ -88,6 +97,66 @@ def default_run_location(model: str, data_version: str, runs_dir: str = RUNS_DIR
     return storage.join(runs_dir, f"{name}-{data_version[:12]}")
 
 
+@dataclass(frozen=True)
+class TrainedRun:
+    """The training run of one data version: its folder, and the data version its checkpoints must hold."""
+
+    folder: str
+    data_version: str
+
+
+def run_for_data(data: str, model: str, *, loss: str = "clip", output: str | None = None, runs_dir: str = RUNS_DIR,
+                 storage_cfg: Any = None, key: str = "train.data") -> TrainedRun:
+    """The run that trains (or trained) `model` on the data version `data` names now: a shard output root through
+    its latest.json (read once), a version folder, or a manifest. Its folder is `output` when set (train.output),
+    else `default_run_location` under `runs_dir`: the train stage's own rule, so that export and evaluation take
+    the run of the data version they are asked about, never merely the newest file. MissingInputError naming
+    `key` when there is no manifest."""
+    from clip.formats.errors import MissingInputError
+    from clip.formats.manifest import read_manifest
+
+    try:
+        version = read_manifest(data, storage_cfg).data_version
+    except MissingInputError as exc:
+        raise MissingInputError(f"{exc} ({key})") from None
+    return TrainedRun(output or default_run_location(model, version, runs_dir, loss), version)
+
+
+def final_checkpoint(location: str, storage_cfg: Any = None, key: str = "checkpoint") -> str:
+    """The checkpoint file `location` names: a checkpoint file as it is, a run folder's final.pt; MissingInputError
+    naming `location` and the config `key` when there is none (a run folder without final.pt has not finished)."""
+    from pathlib import Path
+
+    from clip import storage
+    from clip.formats.errors import MissingInputError
+
+    if storage.exists(location, storage_cfg) and (storage.is_s3_uri(location) or Path(location).is_file()):
+        return location
+    if location.endswith(".pt"):
+        raise MissingInputError(f"checkpoint {location} does not exist ({key})")
+    final = storage.join(location, FINAL_NAME)
+    if not storage.exists(final, storage_cfg):
+        raise MissingInputError(f"no {FINAL_NAME} in {location} ({key}): the run is missing or has not finished")
+    return final
+
+
+def checkpoint_data_version(uri: str, storage_cfg: Any = None, key: str = "checkpoint") -> str | None:
+    """The data version the checkpoint at `uri` was trained on: from its sidecar when it has one that names it,
+    else from the checkpoint itself (None when it records none)."""
+    from clip import storage
+    from clip.formats.manifest import parent_location
+
+    name = storage.basename(uri)
+    sidecar = storage.join(parent_location(uri), meta_name(name))
+    try:
+        meta = parse_checkpoint_meta(storage.read_bytes(sidecar, storage_cfg), sidecar)
+        if meta_describes(meta, name, None):
+            return meta.get("data_version")
+    except (FileNotFoundError, FormatError):
+        pass  # no sidecar (or not a valid one): the checkpoint itself is the authority
+    return read_model_checkpoint(uri, storage_cfg, key)[1].get("data_version")
+
+
 def step_name(step: int) -> str:
     return f"step-{step:08d}.pt"
 
@@ -98,21 +167,56 @@ def parse_step(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _feed(digest: Any, value: Any) -> None:
+    """Hash `value` with its type and structure: the same content always gives the same bytes."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{value.dtype}{tuple(value.shape)}:".encode())
+        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")  # no copy: the buffer itself
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}:".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, list | tuple):
+        digest.update(f"L{len(value)}:".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        text = repr(value)
+        digest.update(f"{type(value).__name__}{len(text)}:{text}".encode())
+
+
+def content_digest(checkpoint: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint's content, its `content_sha256` left out."""
+    digest = hashlib.sha256()
+    _feed(digest, {key: value for key, value in checkpoint.items() if key != CONTENT_SHA_KEY})
+    return digest.hexdigest()
+
+
 def checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:
+    """The serialised checkpoint, with its `content_sha256` (computed now) inside."""
     import torch
 
     buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
+    torch.save({**checkpoint, CONTENT_SHA_KEY: content_digest(checkpoint)}, buffer)
     return buffer.getvalue()
 
 
 def parse_checkpoint(data: bytes, uri: str = "checkpoint", require: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The checkpoint dict (weights only, on the CPU); FormatError naming `uri` when it lacks a required key."""
+    """The checkpoint dict (weights only, on the CPU); FormatError naming `uri` when it lacks a required key or
+    its content differs from its own `content_sha256`."""
     import torch
 
     checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict):
         raise FormatError(f"{uri}: not a clip-pipeline checkpoint (a {type(checkpoint).__name__}, not a dict)")
+    stored = checkpoint.get(CONTENT_SHA_KEY)
+    if stored is not None and (actual := content_digest(checkpoint)) != stored:
+        raise FormatError(f"{uri}: damaged: its content differs from the {CONTENT_SHA_KEY} stored in it "
+                          f"({actual[:12]}... != {str(stored)[:12]}...)")
     missing = [key for key in require if key not in checkpoint]
     if missing:
         raise FormatError(f"{uri}: checkpoint lacks key(s) {missing} (see docs/formats.md \"Checkpoints\")")

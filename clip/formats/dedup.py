@@ -94,10 +94,12 @@ def _read_parquet(uri: str, storage_cfg: StorageConfig | None) -> pa.Table:
     except FileNotFoundError:
         raise MissingInputError(f"{uri} does not exist (run the dedup stage first)") from None
     try:
-        # use_threads=False: a read on Arrow's thread pool starts a pool thread; when the process exits right after
-        # (a stage refusing its input), Arrow's teardown can race that new thread and abort the interpreter
-        # ("terminate called without an active exception", seen once in test_cli under load)
-        return pq.read_table(pa.BufferReader(raw), use_threads=False)
+        # ParquetFile.read, not pq.read_table: read_table goes through the dataset scanner, which decodes row
+        # groups on Arrow's CPU pool even with use_threads=False, and that pool thread can hold the last reference
+        # to `raw` (a Python object). Run late (busy CPUs) it releases it while the interpreter finalizes, needs
+        # the GIL, is ended by CPython inside a C++ destructor and std::terminate aborts the process (exit 134).
+        # ParquetFile.read with use_threads=False reads on this thread: no pool thread is ever started.
+        return pq.ParquetFile(pa.BufferReader(raw)).read(use_threads=False)
     except pa.ArrowInvalid as exc:
         raise FormatError(f"{uri} is not a Parquet file ({exc})") from None
 

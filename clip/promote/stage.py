@@ -25,7 +25,7 @@ from typing import Any
 
 from clip import storage as storage_lib
 from clip.config import ComputeConfig, PromoteConfig, StorageConfig, TrackingConfig
-from clip.formats.bundle import MODEL_CARD_NAME, fill_model_card, verify_bundle
+from clip.formats.bundle import MODEL_CARD_NAME, bundle_file_uri, fill_model_card, verify_bundle
 from clip.formats.errors import FormatError, MissingInputError
 from clip.formats.results import ResultsTable
 from clip.progress import Progress
@@ -82,7 +82,7 @@ def read_results(uri: str, storage: StorageConfig) -> ResultsTable:
 
 def model_card_with_results(bundle: str, table: ResultsTable, storage: StorageConfig) -> str:
     """The bundle's model card with its evaluation section filled: the registered version's description."""
-    card = storage_lib.read_bytes(storage_lib.join(bundle, MODEL_CARD_NAME), storage).decode("utf-8")
+    card = storage_lib.read_bytes(bundle_file_uri(bundle, MODEL_CARD_NAME, storage), storage).decode("utf-8")
     return fill_model_card(card, table.to_markdown())
 
 

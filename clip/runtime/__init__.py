@@ -11,7 +11,7 @@ clip.tokenizer, none of which imports torch); tests/test_runtime.py imports it w
 `clip.runtime.pyfunc` (the MLflow model) is imported on its own, so this package does not need mlflow.
 """
 
-from clip.runtime.bundle import DEFAULT_TEMPLATES, INT8_IMAGE_ENCODER_NAME, Bundle, load_image
+from clip.runtime.bundle import DEFAULT_TEMPLATES, INT8_IMAGE_ENCODER_NAME, Bundle, load_image, top_k
 from clip.runtime.preprocess import Preprocessor
 
-__all__ = ["DEFAULT_TEMPLATES", "INT8_IMAGE_ENCODER_NAME", "Bundle", "Preprocessor", "load_image"]
+__all__ = ["DEFAULT_TEMPLATES", "INT8_IMAGE_ENCODER_NAME", "Bundle", "Preprocessor", "load_image", "top_k"]

@@ -44,6 +44,7 @@ from clip.formats.bundle import (
     TEXT_ENCODER_NAME,
     TOKENIZER_NAME,
     BundleManifest,
+    bundle_files_location,
     verify_bundle,
 )
 from clip.formats.errors import FormatError
@@ -66,6 +67,14 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> PIL.Image
         raise FormatError(f"image {label}: no such file") from None
     except (OSError, ValueError, PIL.Image.DecompressionBombError) as exc:
         raise FormatError(f"image {label} cannot be decoded: {exc}") from None
+
+
+def top_k(probabilities: np.ndarray, labels: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+    """Per row of `probabilities` [N, C] (columns in `labels` order) its `k` most probable labels, best first, as
+    (label, probability); ties keep the labels' order. `k` larger than C gives all C."""
+    k = max(0, min(k, len(labels)))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [[(labels[j], float(row[j])) for j in picks] for row, picks in zip(probabilities, order, strict=True)]
 
 
 def _l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -127,8 +136,10 @@ class Bundle:
         if image_name not in manifest.files:
             raise FormatError(f"bundle {folder}: {image_name} is not in the bundle (export with export.int8: true)")
 
+        location = bundle_files_location(folder, manifest)  # the version the verified manifest names
+
         def read(name: str) -> bytes:
-            data = storage.read_bytes(storage.join(folder, name), storage_cfg)
+            data = storage.read_bytes(storage.join(location, name), storage_cfg)
             if hashlib.sha256(data).hexdigest() != manifest.files[name]["sha256"]:
                 raise FormatError(f"bundle {folder}: {name} was altered (sha256 differs from the bundle manifest)")
             return data

@@ -48,17 +48,20 @@ def serving_requirements() -> list[str]:
 
 
 def bundle_signature() -> Any:
-    """Optional string columns image (base64) / text / labels; params labels, templates, normalize, batch_size."""
+    """Optional string columns image (base64) / text / labels / index; params labels, templates, normalize,
+    batch_size, index, top."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema([ColSpec("string", "image", required=False), ColSpec("string", "text", required=False),
-                     ColSpec("string", "labels", required=False)])
+                     ColSpec("string", "labels", required=False), ColSpec("string", "index", required=False)])
     params = ParamSchema([
         ParamSpec("labels", "string", [], shape=(-1,)),
         ParamSpec("templates", "string", [], shape=(-1,)),
         ParamSpec("normalize", "boolean", True),
         ParamSpec("batch_size", "long", 32),
+        ParamSpec("index", "string", ""),  # search (clip.runtime.index): the index to query, and how many hits
+        ParamSpec("top", "long", 10),
     ])
     return ModelSignature(inputs=inputs, params=params)
 

@@ -7,14 +7,23 @@
 Input, a DataFrame with any of these columns (one request row each):
 - `image`: base64 of the encoded image file (JPEG, PNG, ...);
 - `text`: a caption;
-- `labels`: comma-separated class names (the same in every row; the `labels` param wins when both are given).
+- `labels`: comma-separated class names (the same in every row; the `labels` param wins when both are given);
+- `index`: a search index location (likewise; the `index` param wins).
 Params (all optional): `labels` (list of class names or one comma-separated string), `templates` (prompt
 templates with `{}`; default "a photo of a {}."), `normalize` (embeddings as unit vectors, default true),
-`batch_size` (default 32).
+`batch_size` (default 32), `index` and `top` (search, below).
 
 Output, one row per input row: with labels, image rows get `label` (the most probable) and `probabilities`
 (a list in label order); without labels, image rows get `image_embedding`; text rows get `text_embedding`
 (lists of floats). A row whose image cannot be decoded gets `error` (naming the row) and the others run.
+
+Search: with the `index` param (or an `index` column; a search index folder or s3:// prefix that
+`clip-pipeline index` built with this same bundle, clip.runtime.index), each text row (and each image row:
+image-to-image) is a query instead, and gets `files` (its `top` best photos, default 10, best first) and
+`scores` (their cosine similarities). An index built with another bundle is refused, naming both sha256s.
+Each index is opened once per loaded model and kept.
+
+    model.predict(pd.DataFrame({"text": ["a red car at night"]}), params={"index": "photos.index", "top": 5})
 
 The class lives here, in the torch-free runtime, and not in clip/export: loading the pickled model imports
 only this module's package (clip.runtime), whatever the export stage package imports. The bundle travels as
@@ -32,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from clip.runtime.bundle import DEFAULT_TEMPLATES, Bundle, load_image
+from clip.runtime.index import SearchIndex
 
 BUNDLE_ARTIFACT = "bundle"
 
@@ -58,6 +68,14 @@ class BundleModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.bundle = Bundle.load(context.artifacts[BUNDLE_ARTIFACT])
+        self.indexes: dict[str, SearchIndex] = {}
+
+    def _index(self, location: str) -> SearchIndex:
+        if location not in self.indexes:
+            index = SearchIndex.open(location)
+            index.check_bundle(self.bundle)
+            self.indexes[location] = index
+        return self.indexes[location]
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame):
@@ -69,6 +87,10 @@ class BundleModel(mlflow.pyfunc.PythonModel):
         if not labels and "labels" in model_input.columns:
             present = [v for v in model_input["labels"] if _present(v)]
             labels = _as_list(present[0], "labels") if present else []
+        index_location = params.get("index") or next(
+            (v for v in model_input.get("index", []) if _present(v)), None)
+        index = self._index(str(index_location)) if index_location else None
+        top = int(params.get("top") or 10)
         templates = tuple(_as_list(params.get("templates"), "templates")) or DEFAULT_TEMPLATES
         normalize = bool(params.get("normalize", True))
         batch_size = int(params.get("batch_size") or 32)
@@ -83,7 +105,11 @@ class BundleModel(mlflow.pyfunc.PythonModel):
                 image_rows.append(row)
             except (binascii.Error, ValueError) as exc:  # FormatError is a ValueError too
                 rows[row]["error"] = f"image in row {row}: {exc}"
-        if images and labels:
+        if images and index is not None:
+            queries = self.bundle.encode_images(images, batch_size=batch_size, normalize=True)
+            for row, hits in zip(image_rows, index.search_vectors(queries, top), strict=True):
+                rows[row].update(files=[hit.file for hit in hits], scores=[hit.score for hit in hits])
+        elif images and labels:
             probabilities = self.bundle.classify(images, labels, templates, batch_size=batch_size)
             for row, probs in zip(image_rows, probabilities, strict=True):
                 rows[row]["label"] = labels[int(probs.argmax())]
@@ -95,8 +121,13 @@ class BundleModel(mlflow.pyfunc.PythonModel):
         if "text" in model_input.columns:
             text_rows = [row for row, value in enumerate(model_input["text"]) if _present(value)]
             texts = [model_input["text"].iloc[row] for row in text_rows]
-            if texts:
+            if texts and index is not None:
+                queries = self.bundle.encode_texts(texts, batch_size=batch_size, normalize=True)
+                for row, hits in zip(text_rows, index.search_vectors(queries, top), strict=True):
+                    rows[row].update(files=[hit.file for hit in hits], scores=[hit.score for hit in hits])
+            elif texts:
                 embeddings = self.bundle.encode_texts(texts, batch_size=batch_size, normalize=normalize)
                 for row, embedding in zip(text_rows, embeddings, strict=True):
                     rows[row]["text_embedding"] = embedding.astype(float).tolist()
-        return pd.DataFrame(rows, index=model_input.index)
+        answer = pd.DataFrame(rows, index=model_input.index).astype(object)
+        return answer.where(answer.notna(), None)  # a key one row lacks is null in JSON, not NaN (not JSON)

@@ -17,7 +17,7 @@ the pointer names it. The order:
 2. the pointer `latest.json` is moved to the version (one atomic write) unless it already names it.
 Publishing a version that is already there (same data version, manifest present) re-verifies its shards and
 writes nothing; a failure before the manifest leaves no manifest and the pointer where it was. One publisher per
-output at a time.
+output at a time: the shard stage holds `<output>/.lock` (clip.storage.lock) around the whole run.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from clip.progress import Progress, for_task
 from clip.result import StageResult
 from clip.shards.publish import publish_local, publish_remote
 from clip.shards.writer import index_raw_members, plan_shards, shuffled_keys
+from clip.storage.lock import output_lock
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,14 @@ def run(
     """Write and publish the training shards; returns the metrics (manifest fields included) and the locations.
 
     `compute` and `tracking` are accepted for the common stage shape: shards are written by a small local thread
-    pool and nothing is logged to MLflow.
+    pool and nothing is logged to MLflow. One run per output at a time: `<shard.output>/.lock`
+    (clip.storage.lock) is held throughout; a second run is refused in one line naming the holder.
     """
+    with output_lock(cfg.output, "shard", storage):
+        return _shard(cfg, storage, progress)
+
+
+def _shard(cfg: ShardConfig, storage: StorageConfig, progress: Progress | None) -> ShardResult:
     start = time.monotonic()
     keep_list = read_keep_list(cfg.dedup_dir, cfg.input_dir, storage)
     keep = keep_list.shard_of

@@ -35,8 +35,9 @@ messages or logs.
 
 Layout: `uri.py` (URI helpers: `is_s3_uri`, `parse_s3_uri`, `join`, `basename`), `base.py` (errors,
 `ObjectInfo`, the `Storage` interface), `local.py` (local disk), `s3.py` (S3: client cache, multipart,
-integrity checks), `retry.py` (what is retried, backoff), `s3_reader.py` (resuming streaming reads). This
-module picks the backend for a URI and offers one function per operation.
+integrity checks), `retry.py` (what is retried, backoff), `s3_reader.py` (resuming streaming reads),
+`redact.py` (credentials masked out of every message and log line: an endpoint URL's `user:password@`, secret
+query values). This module picks the backend for a URI and offers one function per operation.
 """
 
 from __future__ import annotations

@@ -10,13 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from clip.storage.redact import redact
+
 MIB = 1024 * 1024
 READ_CHUNK = 1 * MIB  # block size for copying, hashing and streaming reads
 SHA_META = "sha256"  # user metadata holding an object's SHA-256 on S3 (the x-amz-meta-sha256 header)
 
 
 class StorageError(RuntimeError):
-    """A storage operation that failed; the message names the URI (never credentials)."""
+    """A storage operation that failed; the message names the URI (never credentials: it is redacted here, whatever
+    text from boto3, the OS or a caller went into it)."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(redact(str(message)), *args)
 
 
 def check_range(uri: str, start: int, end: int | None) -> None:

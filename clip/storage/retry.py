@@ -11,6 +11,8 @@ from __future__ import annotations
 import http.client
 import random
 
+from clip.storage.redact import redact
+
 _MAX_BACKOFF_S = 20.0
 
 # Error codes (S3 XML <Code>) worth another attempt: throttling, server trouble, bodies damaged on the way.
@@ -68,9 +70,12 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 def describe(exc: BaseException) -> str:
-    """A one-line description of an error, for messages: its type and text (botocore texts hold no secrets)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """A one-line description of an error, for messages: its type and its whole text on one line, redacted.
+
+    Whole: botocore puts the reason on the lines after the first ("Parameter validation failed:" / "Invalid bucket
+    name ..."). Redacted: botocore quotes the endpoint URL, user:password@ included when the endpoint has one."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float = _MAX_BACKOFF_S) -> float:

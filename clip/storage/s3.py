@@ -32,6 +32,7 @@ from clip.storage.base import (
     check_range,
 )
 from clip.storage.local import atomic_local_write, sha256_file
+from clip.storage.redact import redact
 from clip.storage.retry import (
     ChecksumMismatch,
     backoff_delay,
@@ -72,14 +73,6 @@ def _check_etag(response: dict[str, Any], expected: str, what: str) -> None:
         return
     if etag != expected:
         raise ChecksumMismatch(f"{what}: server stored a body whose MD5 is {etag}, expected {expected}")
-
-
-def _redact_endpoint(endpoint: str | None) -> str:
-    """An endpoint URL without any user:password@ part, for messages."""
-    if not endpoint or "@" not in endpoint:
-        return endpoint or "AWS default"
-    scheme, _, rest = endpoint.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
 
 
 _CLIENTS: dict[tuple[int, str | None, str | None], Any] = {}
@@ -134,7 +127,7 @@ class S3Storage(Storage):
         self.client = _s3_client(self.endpoint, self.cfg.region)
 
     def __repr__(self) -> str:
-        return f"S3Storage(endpoint={_redact_endpoint(self.endpoint)!r})"
+        return f"S3Storage(endpoint={redact(self.endpoint or 'AWS default')!r})"
 
     # Picklable (e.g. sent to Dask workers): the client is rebuilt, from the cache, where it lands.
     def __getstate__(self) -> dict[str, Any]:

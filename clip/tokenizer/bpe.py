@@ -20,17 +20,20 @@ with the same ids) where torch is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import json
 import os
-from collections.abc import Iterable, Sequence
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tokenizers import AddedToken, Regex, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from clip import storage
@@ -77,6 +80,82 @@ def byte_symbols() -> list[str]:
 @lru_cache(maxsize=1)
 def _symbol_to_byte() -> dict[str, int]:
     return {symbol: byte for byte, symbol in enumerate(byte_symbols())}
+
+
+@lru_cache(maxsize=1)
+def _end_symbols() -> list[str]:
+    """One character per byte WITH `</w>`, for the trainer (see `Tokenizer.train`): private use area code
+    points, which the byte mapping never produces."""
+    return [chr(0xE000 + b) for b in range(256)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the Rust trainer sees
+
+# The Rust trainer applies a merge to a word with a Vec insert and two removes per occurrence, so one piece of
+# n bytes costs O(n^2) per merge: a 64 KiB run of one letter took seconds, 1 MiB minutes. Longer pieces are
+# cut into chunks of at most this many bytes (only the last keeps the end-of-word symbol), which bounds the
+# work per byte. Real words are far shorter, so the merges learnt from real captions do not change.
+MAX_TRAINER_PIECE_BYTES = 256
+# The script that runs the Rust trainer (by path: it imports `tokenizers` only, not the clip package).
+_TRAIN_PROCESS = Path(__file__).with_name("train_process.py")
+
+
+def trainer_words(captions: Iterable[str]) -> Iterator[str]:
+    """Per caption, the text the Rust trainer splits on spaces: its CLIP pieces, one character per byte
+    (`</w>` folded into the last byte's character), pieces over MAX_TRAINER_PIECE_BYTES cut into chunks."""
+    symbols, end_symbols = byte_symbols(), _end_symbols()
+    splitter = pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True)
+    cache: dict[str, str] = {}  # captions repeat their words: map each distinct piece once
+
+    def encode_piece(piece: str) -> str:
+        mapped = cache.get(piece)
+        if mapped is None:
+            data = piece.encode("utf-8")
+            mapped = "".join(symbols[b] for b in data[:-1]) + end_symbols[data[-1]]
+            if len(mapped) > MAX_TRAINER_PIECE_BYTES:
+                step = MAX_TRAINER_PIECE_BYTES
+                mapped = " ".join(mapped[i : i + step] for i in range(0, len(mapped), step))
+            cache[piece] = mapped
+        return mapped
+
+    for caption in captions:
+        pieces = splitter.pre_tokenize_str(clean_caption(caption))
+        yield " ".join(encode_piece(piece) for piece, _ in pieces)
+
+
+def _learn_merges(words: Iterable[str], settings: dict[str, Any]) -> list[Any]:
+    """The Rust trainer's merges for `words` (`trainer_words` output), learnt in a child process
+    (`train_process.py`, given `settings`: its BpeTrainer arguments).
+
+    Why a process: the trainer never checks for signals, so in this process Ctrl-C waited until it returned
+    (minutes on a big or hostile corpus); and a thread cannot be abandoned safely (a daemon thread that
+    re-enters Python while the interpreter shuts down aborts the process: "FATAL: exception not rethrown").
+    A child can be killed: any exception here, KeyboardInterrupt included, kills it before it propagates.
+    The child's errors go to our stderr.
+    """
+    child = subprocess.Popen([sys.executable, str(_TRAIN_PROCESS)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        try:
+            child.stdin.write(json.dumps(settings).encode("utf-8") + b"\n")
+            for line in words:
+                child.stdin.write(line.encode("utf-8") + b"\n")
+            child.stdin.close()
+        except BrokenPipeError:
+            pass  # the child died: its exit code says so below
+        output = child.stdout.read()
+        if child.wait() != 0:
+            raise RuntimeError(f"BPE training process {_TRAIN_PROCESS.name} failed with exit code {child.returncode} "
+                               "(its error is printed above)")
+        return json.loads(output)["model"]["merges"]
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        for pipe in (child.stdin, child.stdout):
+            with contextlib.suppress(OSError):  # a pipe to a killed child: nothing left to flush or read
+                pipe.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,40 +234,21 @@ class Tokenizer:
         The Rust trainer breaks count ties by symbol id, and it numbers the `x</w>` symbols in hash-map
         order; so each byte symbol and each byte symbol with `</w>` is first written as ONE character
         (bytes as themselves, end-of-word bytes as U+E000 + byte), all 512 are given as the initial
-        alphabet (numbered in code-point order), and the merges are mapped back afterwards.
+        alphabet (numbered in code-point order), and the merges are mapped back afterwards. Pieces longer
+        than MAX_TRAINER_PIECE_BYTES are learnt from in chunks (see `trainer_words`), and Ctrl-C stops the
+        training at once (see `_learn_merges`).
         """
         if vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (512 byte symbols + 2 specials), got {vocab_size}")
-        symbols = byte_symbols()
-        end_symbols = [chr(0xE000 + b) for b in range(256)]  # private use area: never produced by the mapping
+        symbols, end_symbols = byte_symbols(), _end_symbols()
         to_bpe_symbol = {s: s for s in symbols} | {e: s + END_OF_WORD for e, s in zip(end_symbols, symbols, strict=True)}
-        splitter = pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True)
-        word_cache: dict[str, str] = {}
-
-        def encode_word(word: str) -> str:
-            mapped = word_cache.get(word)
-            if mapped is None:
-                data = word.encode("utf-8")
-                mapped = "".join(symbols[b] for b in data[:-1]) + end_symbols[data[-1]]
-                word_cache[word] = mapped
-            return mapped
-
-        def mapped_captions() -> Iterable[str]:
-            for caption in captions:
-                pieces = splitter.pre_tokenize_str(clean_caption(caption))
-                yield " ".join(encode_word(piece) for piece, _ in pieces)
-
-        trainer_model = HFTokenizer(models.BPE())
-        trainer_model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size - 2,  # the trainer's vocabulary = 512 symbols + merges; specials come after
-            min_frequency=min_frequency,
-            show_progress=show_progress,
-            initial_alphabet=symbols + end_symbols,
-            special_tokens=[],
-        )
-        trainer_model.train_from_iterator(mapped_captions(), trainer=trainer)
-        learnt = json.loads(trainer_model.to_str())["model"]["merges"]
+        settings = {
+            "vocab_size": vocab_size - 2,  # the trainer's vocabulary = 512 symbols + merges; specials come after
+            "min_frequency": min_frequency,
+            "show_progress": show_progress,
+            "initial_alphabet": symbols + end_symbols,
+        }
+        learnt = _learn_merges(trainer_words(captions), settings)
 
         def unmap(token: str) -> str:
             return "".join(to_bpe_symbol[c] for c in token)

@@ -18,6 +18,7 @@ Modules, one job each:
 - tokenizer_setup: the run's tokenizer (from the checkpoint, CLIP's BPE, or learnt by rank 0);
 - report: per-step metrics, metrics.json, MLflow artifacts, `TrainResult`;
 - debug: the `debug` section's hooks (keys log, injected NaN losses, step delay);
+- stop: SIGUSR1 / SIGTERM -> a step checkpoint, then `TrainingStopped` (a scheduler's time limit or requeue);
 - distributed (env -> process group), wrap (checkpointing -> DDP/FSDP2 -> compile, in that order),
   checkpoint (checkpoints on clip.storage).
 """

@@ -6,8 +6,10 @@ primitive types (loadable with `torch.load(..., weights_only=True)`), serialised
 `keep_checkpoints` step checkpoints are kept. `latest_checkpoint()` finds the newest loadable one, so a run
 started again with the same output resumes by itself. A storage error while listing or reading checkpoints
 (clip.storage.StorageError, OSError) propagates: falling back to an older checkpoint, or to none, would silently
-retrain or restart. Only a checkpoint whose bytes do not parse (corrupt, or a foreign object) is skipped, with a
-warning.
+retrain or restart. Only a damaged checkpoint (bytes that do not parse, or differ from the content_sha256
+stored in it or, when `find_latest` is asked to verify it, from its sidecar's sha256) is passed over for the one
+before it, with a warning naming the damaged file(s) and the one chosen instead.
+`remove_stale_temp_files` clears a local run folder of the temp files of writes a kill interrupted.
 
 Each checkpoint gets its metadata sidecar (clip.formats.checkpoint `meta_name`), written after it and removed
 before it is overwritten or deleted. `find_latest()` chooses from the sidecars alone (a few KiB each, no
@@ -19,9 +21,12 @@ differ from what the sidecar described.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
+import re
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -42,10 +47,13 @@ from clip.formats.checkpoint import (
     step_name,
 )
 from clip.formats.errors import FormatError
+from clip.storage.local import TMP_MARK
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FINAL_NAME", "FoundCheckpoint", "find_latest", "latest_checkpoint", "list_step_checkpoints",
-           "load_checkpoint_dict", "meta_uri", "prune_checkpoints", "read_checkpoint_meta", "rng_state",
-           "save_checkpoint", "set_rng_state", "step_name"]
+           "load_checkpoint_dict", "meta_uri", "prune_checkpoints", "read_checkpoint_meta",
+           "remove_stale_temp_files", "rng_state", "save_checkpoint", "set_rng_state", "step_name"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -134,17 +142,18 @@ class FoundCheckpoint:
         return load_checkpoint_dict(self.uri, storage_cfg, expected_sha256=self.meta.get("sha256"))
 
 
-def _meta_or_parse(uri: str, size: int | None, storage_cfg: StorageConfig | None) -> FoundCheckpoint | None:
+def _meta_or_parse(uri: str, size: int | None, storage_cfg: StorageConfig | None,
+                   damaged: list[str]) -> FoundCheckpoint | None:
     meta = read_checkpoint_meta(uri, size, storage_cfg)
     if meta is not None:
         return FoundCheckpoint(uri, meta)
-    checkpoint = _parse_or_skip(uri, storage_cfg)
+    checkpoint = _parse_or_skip(uri, storage_cfg, damaged)
     return None if checkpoint is None else FoundCheckpoint(uri, checkpoint_meta(checkpoint), checkpoint)
 
 
-def _parse_or_skip(uri: str, storage_cfg: StorageConfig | None) -> dict[str, Any] | None:
-    """The checkpoint at `uri`; None (with a warning) when its bytes do not parse. Reading is outside the
-    guard: a storage error propagates."""
+def _parse_or_skip(uri: str, storage_cfg: StorageConfig | None, damaged: list[str]) -> dict[str, Any] | None:
+    """The checkpoint at `uri`; None (with a warning, `uri` added to `damaged`) when its bytes do not parse or
+    differ from its own checksum. Reading is outside the guard: a storage error propagates."""
     data = storage.read_bytes(uri, storage_cfg)
     try:
         return parse_checkpoint(data, uri)
@@ -152,7 +161,22 @@ def _parse_or_skip(uri: str, storage_cfg: StorageConfig | None) -> dict[str, Any
         raise
     except Exception as exc:  # in-memory bytes only: corrupt, truncated, or not a checkpoint (no I/O here)
         warnings.warn(f"{uri}: skipped, not a loadable checkpoint ({type(exc).__name__}: {exc})".replace("\n", " "),
-                      stacklevel=3)
+                      stacklevel=4)
+        damaged.append(uri)
+        return None
+
+
+def _loaded_or_skip(found: FoundCheckpoint | None, storage_cfg: StorageConfig | None,
+                    damaged: list[str]) -> FoundCheckpoint | None:
+    """`found` read whole now (checked against its sidecar and its own checksum); None (with a warning, its URI
+    added to `damaged`) when its bytes fail those checks. A storage error propagates."""
+    if found is None or found.checkpoint is not None:
+        return found
+    try:
+        return replace(found, checkpoint=found.load(storage_cfg))
+    except FormatError as exc:
+        warnings.warn(f"{found.uri}: skipped, damaged ({exc})", stacklevel=4)
+        damaged.append(found.uri)
         return None
 
 
@@ -173,31 +197,47 @@ def list_step_checkpoints(output: str, storage_cfg: StorageConfig | None = None)
     return sorted((step, uri) for name, (uri, _size) in objects.items() if (step := parse_step(name)) is not None)
 
 
-def find_latest(output: str, storage_cfg: StorageConfig | None = None) -> FoundCheckpoint | None:
+def find_latest(output: str, storage_cfg: StorageConfig | None = None,
+                verify: Callable[[FoundCheckpoint], bool] | None = None) -> FoundCheckpoint | None:
     """The newest loadable checkpoint (highest step; final.pt on a tie), or None, chosen from the sidecars where
     there are (nothing is read whole then), from the checkpoints themselves where not.
 
     final.pt is not always the newest: a finished run continued with more epochs resumes from it and then
-    writes step checkpoints beyond its step; after a crash those are where to resume."""
+    writes step checkpoints beyond its step; after a crash those are where to resume.
+
+    `verify(found)` True: that candidate is read whole and checked now (its sidecar's sha256 and its own
+    checksum) and passed over for the next older one when damaged. Whenever a damaged checkpoint was passed
+    over, a warning names it and the checkpoint chosen instead."""
     objects = _checkpoint_objects(output, storage_cfg)
-    final = None
-    if FINAL_NAME in objects:
-        final = _meta_or_parse(*objects[FINAL_NAME], storage_cfg)
+    damaged: list[str] = []
+    final = _meta_or_parse(*objects[FINAL_NAME], storage_cfg, damaged) if FINAL_NAME in objects else None
     final_step = int(final.meta.get("step", 0)) if final is not None else -1
-    steps = sorted((step, uri, size) for name, (uri, size) in objects.items()
-                   if (step := parse_step(name)) is not None)
-    for step, uri, size in reversed(steps):
-        if step <= final_step:
-            break
-        found = _meta_or_parse(uri, size, storage_cfg)
+    steps = sorted(((step, uri, size) for name, (uri, size) in objects.items()
+                    if (step := parse_step(name)) is not None), reverse=True)
+
+    def candidates() -> Iterator[FoundCheckpoint | None]:
+        """Newest first: steps beyond final.pt, final.pt, then (only if it is damaged) the steps before it."""
+        yield from (_meta_or_parse(uri, size, storage_cfg, damaged) for step, uri, size in steps if step > final_step)
+        yield final
+        yield from (_meta_or_parse(uri, size, storage_cfg, damaged) for step, uri, size in steps if step <= final_step)
+
+    chosen = None
+    for found in candidates():
+        if found is not None and verify is not None and verify(found):
+            found = _loaded_or_skip(found, storage_cfg, damaged)
         if found is not None:
-            return found
-    return final
+            chosen = found
+            break
+    if damaged:
+        warnings.warn(f"damaged checkpoint(s) passed over: {', '.join(damaged)}; "
+                      f"{'using ' + chosen.uri if chosen else 'no good checkpoint left: starting from step 0'}",
+                      stacklevel=2)
+    return chosen
 
 
 def latest_checkpoint(output: str, storage_cfg: StorageConfig | None = None) -> tuple[str, dict[str, Any]] | None:
     """(uri, whole checkpoint) of `find_latest`'s choice, or None."""
-    found = find_latest(output, storage_cfg)
+    found = find_latest(output, storage_cfg, verify=lambda _found: True)
     return None if found is None else (found.uri, found.load(storage_cfg))
 
 
@@ -209,3 +249,28 @@ def prune_checkpoints(output: str, keep: int, storage_cfg: StorageConfig | None 
         storage.delete(meta_uri(uri), storage_cfg)
         storage.delete(uri, storage_cfg)
     return doomed
+
+
+# clip.storage's local temporary names, `.<final name>.tmp-<12 hex>` (clip/storage/local.py), and nothing else.
+_STALE_TEMP = re.compile(r"\..+" + re.escape(TMP_MARK) + r"[0-9a-f]{12}")
+
+
+def remove_stale_temp_files(output: str) -> list[str]:
+    """Remove the temporary files an interrupted write (a kill mid-checkpoint) left directly in the local run
+    folder `output`; only clip.storage's own temp naming matches. Call before the run writes anything (no
+    write of this run can be in flight). Returns the removed paths; S3 (no temp objects) and a missing folder
+    give []."""
+    if storage.is_s3_uri(output):
+        return []
+    folder = storage.to_local_path(output)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and _STALE_TEMP.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(str(path))
+    if removed:
+        log.warning("removed %d temporary file(s) left by an interrupted write in %s: %s", len(removed), output,
+                    ", ".join(storage.basename(p) for p in removed))
+    return removed

@@ -21,6 +21,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from clip.compute import resolve_device_kind
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -81,9 +83,7 @@ def under_launcher(env: Mapping[str, str] | None = None) -> bool:
 
 
 def resolve_device(kind: str, local_rank: int) -> torch.device:
-    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("compute.device is 'cuda' but no CUDA device is available")
+    if resolve_device_kind(kind) == "cuda":  # DeviceUnavailable (one line) for cuda without a GPU
         index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
@@ -137,7 +137,12 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
 
 def all_reduce_(tensor: torch.Tensor, info: DistInfo, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
     if info.distributed:
-        dist.all_reduce(tensor, op=op)
+        if tensor.device != info.device:  # NCCL reduces device tensors only (a host counter: "no backend for cpu")
+            staged = tensor.to(info.device)
+            dist.all_reduce(staged, op=op)
+            tensor.copy_(staged)
+        else:
+            dist.all_reduce(tensor, op=op)
     return tensor
 
 

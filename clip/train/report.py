@@ -8,7 +8,11 @@ Guarantees:
 - `train.output/metrics.json` (rank 0, written atomically, keys sorted) holds the final figures; a finished run
   started again reports it back unchanged (`load_result`), and so does the launcher after a torchrun job;
 - `TrainResult` is what every caller gets, in one process or on every rank;
-- `LogWindow` keeps its loss sums on the device between logs: adding a step never syncs with the device.
+- `LogWindow` keeps its loss sums on the device between logs: adding a step never syncs with the device;
+- each invocation of the stage is its own MLflow run (a segment), with the params it ran with: a run folder trained
+  in three goes has three runs, all tagged RUN_FOLDER_TAG = the folder, each with RESUMED_FROM_STEP_TAG (0 for a
+  fresh start) and RESUMED_FROM_RUN_TAG (the run of the segment that wrote the checkpoint it continued from); an
+  invocation that finds the run already finished trains nothing and says so (NOTHING_TO_TRAIN_TAG).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from clip import storage as storage_lib
 from clip.config import StorageConfig
-from clip.formats.checkpoint import LOSS_CURVE_NAME
+from clip.formats.checkpoint import EPOCH_CURVE_NAME, LOSS_CURVE_NAME, MLFLOW_RUN_KEY
 from clip.result import StageResult
 from clip.tokenizer import Tokenizer
 from clip.tracking import Tracker
@@ -34,48 +38,59 @@ from clip.train.checkpoint import FINAL_NAME
 from clip.train.tokenizer_setup import TOKENIZER_NAME
 
 METRICS_NAME = "metrics.json"
+RUN_FOLDER_TAG = "clip.train_run_folder"  # the same on every segment of one training run: what links them
+RESUMED_FROM_STEP_TAG = "clip.resumed_from_step"
+RESUMED_FROM_RUN_TAG = "clip.resumed_from_run"
+NOTHING_TO_TRAIN_TAG = "clip.nothing_to_train"  # "true": the run was finished already; no metrics logged
 CURVE_COLUMNS = ("step", "loss", "lr", "logit_scale", "samples_per_s")
 
 
 class LossCurve:
     """The run's loss curve, one row per log window, as `train.output/loss_curve.csv` (rank 0 writes it with each
     checkpoint and at the end). A resumed run keeps the rows up to its checkpoint's step and continues them, so
-    the file is one curve however often the run was restarted (what `dvc plots` and people read)."""
+    the file is one curve however often the run was restarted (what `dvc plots` and people read).
+    `epoch_curve` is the same kind of file with one row per epoch (`step` first in both)."""
 
-    def __init__(self, rows: list[dict[str, float]] | None = None) -> None:
-        self.rows = list(rows or [])
+    def __init__(self, rows: list[dict[str, float]] | None = None, columns: tuple[str, ...] = CURVE_COLUMNS,
+                 name: str = LOSS_CURVE_NAME) -> None:
+        self.rows, self.columns, self.name = list(rows or []), columns, name
 
     @classmethod
-    def resume(cls, run_dir: str, storage: StorageConfig, upto_step: int) -> LossCurve:
+    def epoch_curve(cls, set_names: list[str]) -> LossCurve:
+        """Per epoch: the step it ended at, its number, its mean loss and the zero-shot top-1 of each set."""
+        return cls(columns=("step", "epoch", "loss", *set_names), name=EPOCH_CURVE_NAME)
+
+    def resume(self, run_dir: str, storage: StorageConfig, upto_step: int) -> LossCurve:
+        """The rows of this curve's file in `run_dir` up to `upto_step` (none when there is no file)."""
         import csv
         import io
 
         try:
-            text = storage_lib.read_bytes(storage_lib.join(run_dir, LOSS_CURVE_NAME), storage).decode("utf-8")
+            text = storage_lib.read_bytes(storage_lib.join(run_dir, self.name), storage).decode("utf-8")
         except FileNotFoundError:
-            return cls()
-        rows = []
+            return self
         for row in csv.DictReader(io.StringIO(text)):
             try:
-                parsed = {name: float(row[name]) for name in CURVE_COLUMNS}
+                parsed = {name: float(row[name]) for name in self.columns}
             except (KeyError, TypeError, ValueError):
                 continue  # a damaged line: the curve is a report, never a reason to stop
             if parsed["step"] <= upto_step:
-                rows.append(parsed)
-        return cls(rows)
+                self.rows.append(parsed)
+        return self
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         self.rows.append({"step": float(step), **{name: float(metrics.get(name, math.nan))
-                                                   for name in CURVE_COLUMNS[1:]}})
+                                                   for name in self.columns[1:]}})
 
     def to_csv_bytes(self) -> bytes:
-        lines = [",".join(CURVE_COLUMNS)]
+        lines = [",".join(self.columns)]
         for row in self.rows:
-            lines.append(",".join([str(int(row["step"]))] + [repr(row[name]) for name in CURVE_COLUMNS[1:]]))
+            lines.append(",".join(str(int(row[name])) if name in ("step", "epoch") else repr(row[name])
+                                  for name in self.columns))
         return ("\n".join(lines) + "\n").encode("utf-8")
 
     def write(self, run_dir: str, storage: StorageConfig) -> str:
-        uri = storage_lib.join(run_dir, LOSS_CURVE_NAME)
+        uri = storage_lib.join(run_dir, self.name)
         storage_lib.write_bytes(uri, self.to_csv_bytes(), storage)
         return uri
 
@@ -100,7 +115,8 @@ class TrainResult(StageResult):
             metrics=metrics,
             outputs={"checkpoint": metrics["checkpoint"], "tokenizer": tokenizer,
                      "run_metrics": storage_lib.join(output, METRICS_NAME),
-                     "loss_curve": storage_lib.join(output, LOSS_CURVE_NAME)},
+                     "loss_curve": storage_lib.join(output, LOSS_CURVE_NAME),
+                     "epoch_curve": storage_lib.join(output, EPOCH_CURVE_NAME)},
             checkpoint=metrics["checkpoint"], tokenizer=tokenizer, data_version=metrics["data_version"],
             steps=int(metrics["steps"]), total_steps=int(metrics["total_steps"]),
             resumed_from_step=int(metrics["resumed_from_step"]),
@@ -161,6 +177,14 @@ class LogWindow:
             "corrupt_samples": corrupt_samples,
             "nonfinite_steps": nonfinite_steps,
         }
+
+
+def segment_tags(output: str, data_version: str, data_location: str, start_step: int,
+                 checkpoint_meta: dict[str, Any] | None) -> dict[str, str | None]:
+    """The tags of one training segment's MLflow run (`checkpoint_meta`: of the checkpoint it resumes from)."""
+    return {"data_version": data_version, "data_location": data_location, RUN_FOLDER_TAG: output,
+            RESUMED_FROM_STEP_TAG: str(start_step),
+            RESUMED_FROM_RUN_TAG: (checkpoint_meta or {}).get(MLFLOW_RUN_KEY)}
 
 
 def write_run_outputs(tracker: Tracker, output: str, storage: StorageConfig, tokenizer: Tokenizer,

@@ -1,8 +1,12 @@
 """Start or resume: pick the checkpoint to continue from, check that it belongs to this run, restore the state.
 
 Guarantees (docs/formats.md "Checkpoints"):
-- the newest loadable checkpoint in `train.output` is picked (highest step, final.pt on a tie;
-  clip.train.checkpoint.find_latest), so a run started again with the same command resumes by itself;
+- the newest good checkpoint in `train.output` is picked (highest step, final.pt on a tie;
+  clip.train.checkpoint.find_latest), so a run started again with the same command resumes by itself. The one
+  picked is read whole by rank 0 and checked (against its sidecar's sha256 and the checksum stored inside it)
+  before anything else: a damaged one (a flipped byte, a truncated write) is passed over for the one before it,
+  with a warning naming both, so an unattended run carries on from the last good state. Temp files of writes a
+  kill interrupted (clip.storage's `.<name>.tmp-<hex>`) are removed from a local `train.output` first;
 - a checkpoint of another `train.model` / `train.model_overrides` / `train.loss`, of another data version, or
   beyond this run's step count is refused (ValueError naming the checkpoint, the key and both values) before anything is written;
   so is one of another `train.seed` / `train.shuffle_buffer` / `train.batch_size` (they map the saved data
@@ -11,9 +15,9 @@ Guarantees (docs/formats.md "Checkpoints"):
 - under a launcher rank 0 alone picks the checkpoint and broadcasts its URI and metadata (step, data version,
   data_state, train_config, mlflow_run_id...), so the ranks never disagree; the choice and every check below use
   that metadata alone, read from the checkpoints' sidecars where they have one (clip.train.checkpoint
-  `find_latest`): no rank reads a whole checkpoint to choose or check it, and a finished run started again reads
-  none. The whole checkpoint is read (by each rank, once) only when its weights or tokenizer are needed
-  (`ResumePoint.checkpoint`);
+  `find_latest`): only rank 0 reads the chosen checkpoint whole to choose it (the integrity check above), the
+  others read it once when its weights or tokenizer are needed (`ResumePoint.checkpoint`), and a finished run
+  started again reads none;
 - a resumed run continues with the checkpoint's model config and weights, optimizer, step count, RNG states and
   data position, so it trains on the same samples to the same weights as a run that never stopped; the LR
   schedule is rebuilt from this run's config (only the step count is restored), so a finished run continued
@@ -32,7 +36,13 @@ import torch
 from clip import storage as storage_lib
 from clip.config import StorageConfig, TrainConfig
 from clip.tokenizer import Tokenizer
-from clip.train.checkpoint import FINAL_NAME, FoundCheckpoint, find_latest, set_rng_state
+from clip.train.checkpoint import (
+    FINAL_NAME,
+    FoundCheckpoint,
+    find_latest,
+    remove_stale_temp_files,
+    set_rng_state,
+)
 from clip.train.distributed import DistInfo, broadcast_object
 from clip.train.schedule import Schedule, WarmupCosine
 from clip.train.state import TrainState, load_optimizer_state
@@ -77,14 +87,28 @@ class ResumePoint:
 DATA_MAPPING_KEYS = ("seed", "shuffle_buffer", "batch_size")
 
 
-def _choose_checkpoint(output: str, storage: StorageConfig, info: DistInfo | None) -> FoundCheckpoint | None:
-    """find_latest, chosen by rank 0 alone under a launcher (its URI and metadata broadcast; nothing is read by
-    the others)."""
+def _pick(output: str, storage: StorageConfig, total_steps: int) -> FoundCheckpoint | None:
+    """The newest good checkpoint, after removing the temp files of writes a kill interrupted. The one a run will
+    load is read whole and checked now (a damaged one is passed over, loudly); a finished run's final.pt, which
+    a run started again does not load, is chosen from its sidecar alone."""
+    remove_stale_temp_files(output)
+
+    def will_load(found: FoundCheckpoint) -> bool:
+        finished = storage_lib.basename(found.uri) == FINAL_NAME and int(found.meta.get("step", 0)) >= total_steps
+        return not finished
+
+    return find_latest(output, storage, verify=will_load)
+
+
+def _choose_checkpoint(output: str, storage: StorageConfig, info: DistInfo | None,
+                       total_steps: int) -> FoundCheckpoint | None:
+    """`_pick`, by rank 0 alone under a launcher (its URI and metadata broadcast; nothing is read by the others
+    to choose)."""
     if info is None or not info.distributed:
-        return find_latest(output, storage)
+        return _pick(output, storage, total_steps)
     if info.is_main:
         try:
-            found = find_latest(output, storage)
+            found = _pick(output, storage, total_steps)
         except BaseException as exc:
             broadcast_object(("error", f"{type(exc).__name__}: {exc}"), info)  # the others must not wait forever
             raise
@@ -103,7 +127,7 @@ def find_resume_point(tcfg: TrainConfig, storage: StorageConfig, data_version: s
                       schedule: Schedule, info: DistInfo | None = None) -> ResumePoint:
     """The newest checkpoint in `train.output`, checked against this run; a fresh start when there is none.
     Collective under a launcher when `info` is given (rank 0 chooses, the others follow)."""
-    found = _choose_checkpoint(tcfg.output, storage, info)
+    found = _choose_checkpoint(tcfg.output, storage, info, schedule.total_steps)
     if found is None:
         return ResumePoint(None, is_final=False, storage=storage)
     uri, checkpoint = found.uri, found.meta  # the checks below need the metadata only

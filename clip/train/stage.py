@@ -39,23 +39,33 @@ import torch
 
 from clip import storage as storage_lib
 from clip.config import ComputeConfig, DebugConfig, StorageConfig, TrackingConfig, TrainConfig
-from clip.formats.checkpoint import MLFLOW_RUN_KEY, default_run_location
+from clip.formats.checkpoint import default_run_location
 from clip.progress import Progress
 from clip.tracking import Tracker
 from clip.train.checkpoint import FINAL_NAME, prune_checkpoints, step_name
 from clip.train.debug import DebugHooks
 from clip.train.distributed import DistInfo, all_reduce_, barrier, broadcast_object, cleanup, init_distributed
 from clip.train.loader import RankLoader, StreamConfig
-from clip.train.report import LogWindow, LossCurve, TrainResult, load_result, write_run_outputs
+from clip.train.monitor import EpochMonitor, check_set_names
+from clip.train.report import (
+    NOTHING_TO_TRAIN_TAG,
+    LogWindow,
+    LossCurve,
+    TrainResult,
+    load_result,
+    segment_tags,
+    write_run_outputs,
+)
 from clip.train.resume import find_resume_point, resume_or_start
 from clip.train.schedule import plan_schedule
 from clip.train.state import DataPosition, save_training_state
 from clip.train.step import NonFiniteGuard, NonFiniteLossError, device_inputs, mark_tokens_checked, train_step
+from clip.train.stop import StopSignals, TrainingStopped
 from clip.train.streams import StreamPlan, read_manifest, resolve_data_location
 from clip.train.tokenizer_setup import setup_tokenizer
 from clip.train.wrap import check_fsdp_world
 
-__all__ = ["NonFiniteLossError", "TrainResult", "run"]
+__all__ = ["NonFiniteLossError", "TrainResult", "TrainingStopped", "run"]
 
 PROGRESS_TASK = "train"
 
@@ -68,12 +78,15 @@ def run(
 
     `compute.device` picks the device (the launcher options in `compute` are pipelines/train.py's business);
     `tracking` None: no MLflow; `debug` None: no debug aids."""
-    info = init_distributed(compute.device)
-    try:
-        return _run(cfg, storage, compute, tracking or TrackingConfig(enabled=False), debug or DebugConfig(), info,
-                    progress if info.is_main else None)
-    finally:
-        cleanup(info)
+    # SIGUSR1 / SIGTERM: a checkpoint, then TrainingStopped (clip/train/stop.py); the handlers are in place before
+    # the DataLoader workers fork, which inherit them, and until the process group is gone.
+    with StopSignals() as stop:
+        info = init_distributed(compute.device)
+        try:
+            return _run(cfg, storage, compute, tracking or TrackingConfig(enabled=False), debug or DebugConfig(),
+                        info, progress if info.is_main else None, stop)
+        finally:
+            cleanup(info)
 
 
 def run_location(cfg: TrainConfig, storage: StorageConfig) -> str:
@@ -104,11 +117,12 @@ def build_loss(cfg: TrainConfig, *, equal_batches: bool) -> torch.nn.Module:
 
 
 def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, tracking: TrackingConfig,
-         debug: DebugConfig, info: DistInfo, progress: Progress | None) -> TrainResult:
+         debug: DebugConfig, info: DistInfo, progress: Progress | None, stop: StopSignals) -> TrainResult:
     from clip.model import get_config
 
     get_config(cfg.model, **cfg.model_overrides)  # an unknown model name is refused before any work starts
     check_fsdp_world(cfg.fsdp, info.world_size)  # FSDP on one process: refused, also before any work
+    check_set_names(cfg.zeroshot_sets)  # an unknown per-epoch set: refused, also before any work
     started = time.monotonic()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -123,10 +137,16 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
                                                                       loss=cfg.loss)})
     schedule = plan_schedule(cfg, sum(s.samples for s in manifest.shards), info.world_size)
     point = find_resume_point(cfg, storage, manifest.data_version, schedule, info)
+    tracker = Tracker(tracking, active=info.is_main)
+    params_for_tracking = {"train": cfg.model_dump(mode="json"), "compute": compute.model_dump(mode="json"),
+                           "world_size": info.world_size, "total_steps": schedule.total_steps}
+    # this invocation's own MLflow run, never an earlier segment's reopened: its params are the ones it ran with
+    run_tags = segment_tags(cfg.output, manifest.data_version, manifest.location, point.start_step, point.metadata)
     if point.is_final and point.start_step == schedule.total_steps:
         finished = load_result(cfg.output, storage)
-        if finished is not None:
-            return finished  # a finished run started again: nothing to train; report what it wrote
+        if finished is not None:  # a finished run started again: nothing to train; report what it wrote
+            with tracker.run("train", params=params_for_tracking, tags={**run_tags, NOTHING_TO_TRAIN_TAG: "true"}):
+                return finished
     tokenizer = setup_tokenizer(cfg, storage, info, manifest, point.checkpoint)
     state = resume_or_start(cfg, info, point, tokenizer, schedule, manifest.data_version)
     gpu_decode = cfg.gpu_decode and info.device.type == "cuda"
@@ -152,14 +172,20 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
         storage_cfg=storage.model_dump(),
     )
     position = DataPosition(state.data_state, rank_streams, schedule.steps_per_epoch)
-    tracker = Tracker(tracking, active=info.is_main)
     hooks = DebugHooks(debug, info.rank)
     hooks.log_start(state.start_step)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and info.device.type == "cuda")
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, cfg.output)
     counters = {"corrupt_samples": 0, "truncated_shards": 0}
     window = LogWindow()
-    curve = LossCurve.resume(cfg.output, storage, state.start_step) if info.is_main else LossCurve()
+    curve = LossCurve().resume(cfg.output, storage, state.start_step) if info.is_main else LossCurve()
+    # The per-epoch learning curve: mean loss and zero-shot top-1 on train.zeroshot_sets after every epoch.
+    epoch_curve = LossCurve.epoch_curve(cfg.zeroshot_sets)
+    if info.is_main:
+        epoch_curve.resume(cfg.output, storage, state.start_step)
+    monitor = EpochMonitor(cfg.zeroshot_sets, image_size=state.image_size, tokenizer=tokenizer,
+                           device=info.device) if cfg.zeroshot_sets else None
+    epoch_window = LogWindow()  # the epoch's losses (a resumed epoch: those since the resume)
     total_wait, loop_start = 0.0, time.monotonic()
     last_loss = float("nan")  # host copy of the newest finite loss, read at logging steps
     last_loss_on_device = torch.full((), float("nan"), device=info.device)  # [] the newest finite loss
@@ -168,8 +194,6 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
 
     # A non-finite step skips optimizer.step() but not scheduler.step() (the step is spent): expected, not a bug.
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-    params_for_tracking = {"train": cfg.model_dump(mode="json"), "compute": compute.model_dump(mode="json"),
-                           "world_size": info.world_size, "total_steps": schedule.total_steps}
     batches: Any = (batch for batch in ())  # a generator either way, so closing() below can stop the workers
     if state.start_step < schedule.total_steps:
         # Fork the DataLoader workers before this function starts threads (MLflow's asynchronous metric logging):
@@ -177,11 +201,7 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
         batches = RankLoader(stream_cfg, cfg.num_workers, pin_memory=info.device.type == "cuda").start()
     if progress is not None:
         progress(PROGRESS_TASK, state.start_step, schedule.total_steps)
-    resume_run_id = point.checkpoint.get(MLFLOW_RUN_KEY) if point.checkpoint else None
-    with tracker.run("train", params=params_for_tracking,
-                     tags={"data_version": manifest.data_version, "data_location": manifest.location,
-                           "resumed_from_step": str(state.start_step)},
-                     resume_run_id=resume_run_id), \
+    with tracker.run("train", params=params_for_tracking, tags=run_tags), \
             contextlib.closing(batches):  # loader workers stop with the loop, on errors too
         state.mlflow_run_id = tracker.run_id
         state.wrapped.forward_module.train()
@@ -201,6 +221,7 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
                                  poison=hooks.poisons(step), accum_steps=cfg.accum_steps)
             guard.record(outcome.finite_flag)
             window.add(outcome.finite_flag, outcome.loss_value)
+            epoch_window.add(outcome.finite_flag, outcome.loss_value)
             last_loss_on_device = torch.where(outcome.finite_flag, outcome.loss_value, last_loss_on_device)
             position.advance(batch)
             hooks.log_step(step, batch.keys)
@@ -226,10 +247,23 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
                 tracker.log_metrics(logged, step=step)
                 curve.add(step, logged)
                 window = LogWindow()
+            if step % schedule.steps_per_epoch == 0:  # an epoch ends: its mean loss and zero-shot accuracies
+                if per_rank_share and epoch_window.loss_sum is not None:  # as for the log window above
+                    all_reduce_(epoch_window.loss_sum, info)
+                    epoch_window.loss_sum = epoch_window.loss_sum / info.world_size
+                epoch, epoch_loss = step // schedule.steps_per_epoch, epoch_window.mean_loss()
+                accuracies = monitor.accuracies(state.wrapped.module) if monitor else {}
+                tracker.log_metrics({"epoch": epoch, "epoch_loss": epoch_loss,
+                                     **{f"zeroshot/{name}": value for name, value in accuracies.items()}}, step=step)
+                epoch_curve.add(step, {"epoch": epoch, "loss": epoch_loss, **accuracies})
+                epoch_window = LogWindow()
             if progress is not None:  # the loss of the last logging step: reading it every step would sync
                 detail = f"loss {last_loss:.3f}" if math.isfinite(last_loss) else ""
                 progress(PROGRESS_TASK, step, schedule.total_steps, detail)
-            if checkpoint_due and guard.in_a_row == 0 and step < schedule.total_steps:  # never mid-streak
+            # A stop signal is acted on where the host reads the device anyway; all ranks agree (collective).
+            stop_due = (log_due or checkpoint_due) and step < schedule.total_steps and stop.agreed(info)
+            # never mid-streak (a stop then waits for the next finite logging or checkpoint step)
+            if (checkpoint_due or stop_due) and guard.in_a_row == 0 and step < schedule.total_steps:
                 checkpoint_due = False
                 data_state = position.global_state(batch.epoch, batch.step_in_epoch + 1, info)
                 step_uri = storage_lib.join(cfg.output, step_name(step))
@@ -237,7 +271,10 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
                     prune_checkpoints(cfg.output, cfg.keep_checkpoints, storage)
                 if info.is_main:
                     curve.write(cfg.output, storage)
+                    epoch_curve.write(cfg.output, storage)
                 barrier(info)
+                if stop_due:
+                    raise TrainingStopped(step, step_uri, stop.signal_name)
             if step >= schedule.total_steps:
                 break
             hooks.after_step()
@@ -272,6 +309,7 @@ def _run(cfg: TrainConfig, storage: StorageConfig, compute: ComputeConfig, track
         }
         if info.is_main:
             curve.write(cfg.output, storage)
+            epoch_curve.write(cfg.output, storage)
             write_run_outputs(tracker, cfg.output, storage, tokenizer, metrics, step)
         barrier(info)
     return TrainResult.from_metrics(metrics, cfg.output)

@@ -78,7 +78,7 @@ class TrainState:
     data_version: str
     start_step: int
     data_state: DataState
-    mlflow_run_id: str | None = None  # set once the tracking run is open; saved so a resume continues it
+    mlflow_run_id: str | None = None  # this segment's tracking run; a resumed segment links to it by a tag
 
     @property
     def image_size(self) -> int:

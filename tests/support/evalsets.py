@@ -444,3 +444,97 @@ def write_webdataset(root: Path, split: str = "test") -> Expected:
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
     return {split: [names[label] for samples in shards for _, label, _ in samples]}
+
+
+# -- the natural distribution shift sets (clip.evalsets.imagenet_shifts), each in its release layout -----------
+# Each writer returns {"test": [expected class name(s) of each sample], "imagenet_indices": [the zero-shot subset]};
+# `values` set the images' grey levels (tests/test_shift.py's toy encoder reads them back as sample ids).
+
+
+def _imagenet_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from clip.evalsets import get_dataset
+
+    entry = get_dataset("imagenet")
+    return entry.classes, entry.class_ids
+
+
+def _folders(base: Path, plan: dict[str, list[int]], suffix: str, fmt: str) -> None:
+    for folder, values in plan.items():
+        for i, value in enumerate(values):
+            image(base / folder / f"{folder}_{i}{suffix}", value, fmt=fmt)
+
+
+def write_imagenetv2(root: Path) -> Expected:
+    """Folders are ImageNet class indices, not zero-padded (so "10" sorts before "9" on disk)."""
+    classes, _ = _imagenet_names()
+    plan = {"0": [1, 2], "10": [3], "9": [4], "999": [5]}
+    _folders(root / "imagenetv2-matched-frequency-format-val", plan, ".jpeg", "JPEG")
+    return {"test": [classes[int(f)] for f, v in plan.items() for _ in v], "imagenet_indices": list(range(1000))}
+
+
+def write_imagenet_sketch(root: Path) -> Expected:
+    classes, wnids = _imagenet_names()
+    plan = {"n15075141": [1, 2], "n01440764": [3]}  # toilet paper (999), tench (0)
+    _folders(root / "sketch", plan, ".JPEG", "JPEG")
+    return {"test": [classes[wnids.index(w)] for w, v in plan.items() for _ in v],
+            "imagenet_indices": list(range(1000))}
+
+
+def write_imagenet_r(root: Path, plan: dict[str, list[int]] | None = None) -> Expected:
+    """Three of ImageNet-R's wnids: goldfish (ImageNet index 1), hammerhead shark (4), ostrich (9)."""
+    classes, wnids = _imagenet_names()
+    plan = plan or {"n01443537": [100, 120, 140], "n01494475": [160], "n01518878": [180]}
+    _folders(root / "imagenet-r", plan, ".jpg", "JPEG")
+    return {"test": [classes[wnids.index(w)] for w, v in plan.items() for _ in v],
+            "imagenet_indices": sorted(wnids.index(w) for w in plan)}
+
+
+def write_imagenet_a(root: Path) -> Expected:
+    """Two of ImageNet-A's wnids, broccoli (937) and junco (13), and the release's README.txt beside them."""
+    classes, wnids = _imagenet_names()
+    plan = {"n07714990": [200], "n01534433": [220, 240]}
+    _folders(root / "imagenet-a", plan, ".jpg", "JPEG")
+    _text(root / "imagenet-a" / "README.txt", "ImageNet-A: 200 classes, one folder per wnid.\n")
+    return {"test": [classes[wnids.index(w)] for w, v in plan.items() for _ in v],
+            "imagenet_indices": sorted(wnids.index(w) for w in plan)}
+
+
+# ObjectNet: folder -> (ObjectNet label, the ImageNet indices it maps to, the images' grey levels). Air freshener
+# has no ImageNet counterpart: its images are not part of the evaluation.
+OBJECTNET_PLAN = {"alarm_clock": ("Alarm clock", [409, 530], [30, 50]), "banana": ("Banana", [954], [70]),
+                  "bench": ("Bench", [703], [90]), "air_freshener": ("Air freshener", [], [110])}
+
+
+def objectnet_line(index: int) -> int:
+    """The line of imagenet_to_label_2012_v2 (0-based ImageNet-2012 id) of PyTorch class `index`: a permutation,
+    so a loader that skips pytorch_to_imagenet_2012_id.json gets the wrong classes."""
+    return (index * 7 + 3) % 1000
+
+
+def write_objectnet(root: Path, first_id: int = 0) -> Expected:
+    """objectnet-1.0/images/<folder>/<file>.png with the release's 1-pixel red border, and mappings/ (the four
+    files; ImageNet-2012 ids counted from `first_id`)."""
+    classes, wnids = _imagenet_names()
+    base = root / "objectnet-1.0"
+    names = [f"{classes[i]}, {wnids[i]}" for i in range(1000)]  # the release's lines are WordNet lemmas
+    lines = [""] * 1000
+    for index, name in enumerate(names):
+        lines[objectnet_line(index)] = name
+    _text(base / "mappings" / "imagenet_to_label_2012_v2", "\n".join(lines) + "\n")
+    _text(base / "mappings" / "pytorch_to_imagenet_2012_id.json",
+          json.dumps({str(i): objectnet_line(i) + first_id for i in range(1000)}))
+    _text(base / "mappings" / "folder_to_objectnet_label.json",
+          json.dumps({folder: label for folder, (label, _, _) in OBJECTNET_PLAN.items()}))
+    _text(base / "mappings" / "objectnet_to_imagenet_1k.json",
+          json.dumps({label: "; ".join(names[i] for i in indices)
+                      for label, indices, _ in OBJECTNET_PLAN.values() if indices}))
+    for folder, (_, _, values) in OBJECTNET_PLAN.items():
+        for i, value in enumerate(values):
+            rgb = np.full((10, 10, 3), value, dtype=np.uint8)
+            rgb[0, :], rgb[-1, :], rgb[:, 0], rgb[:, -1] = (255, 0, 0), (255, 0, 0), (255, 0, 0), (255, 0, 0)
+            path = base / "images" / folder / f"{i:04x}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgb).save(path)
+    return {"test": [tuple(classes[i] for i in indices) for _, indices, values in OBJECTNET_PLAN.values() if indices
+                     for _ in values],
+            "imagenet_indices": sorted(i for _, indices, _ in OBJECTNET_PLAN.values() for i in indices)}

@@ -11,6 +11,8 @@ too_many_redirects, not_an_image (and error_<Exception> for a bug). Filtered rea
 from __future__ import annotations
 
 OK, FAILED, FILTERED = "ok", "failed", "filtered"
+# Not a fetch outcome: a candidate whose caption is over collect.max_caption_bytes, refused before matching.
+CAPTION_TOO_LONG = "caption_too_long"
 
 # Reasons that mean "we chose not to keep it" (policy) rather than "we could not get it".
 FILTERED_REASONS = frozenset(
@@ -23,6 +25,7 @@ FILTERED_REASONS = frozenset(
         "too_small",
         "aspect_ratio",
         "decompression_bomb",
+        CAPTION_TOO_LONG,
     }
 )
 
