@@ -73,6 +73,7 @@ def test_every_stage_reads_and_writes_s3(tmp_path: Path, s3_bucket: str) -> None
     # (the shard stage uploads each shard as it is written), no `s3:` folder.
     local = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
     metrics = [f"reports/metrics/{stage}.json" for stage in ("collect", "dedup", "shard", "train")]
-    metrics.append("reports/plots/train_loss.csv")  # the loss curve for `dvc plots`, local like the metrics
+    # the loss curve and the per-epoch learning curve for `dvc plots`, local like the metrics
+    metrics += ["reports/plots/train_loss.csv", "reports/plots/train_epochs.csv"]
     cached = [name for name in local if name.startswith("cache/shard-staging/raw/raw-")]
     assert sorted(metrics + cached) == local and cached, local
