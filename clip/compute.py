@@ -1,5 +1,6 @@
-"""Where the work runs: the device `compute.device` names (`resolve_device_kind`), and one Dask runner for every
-stage that maps work over partitions (collect, dedup).
+"""Where the work runs: the device `compute.device` names (`resolve_device`, the one device resolver), and one Dask
+runner for every stage that maps work over partitions (collect, dedup), with one rule for when a cluster is worth
+starting (`DaskRunner.wants_cluster`).
 
 `DaskRunner(compute)` runs `fn(*shared, *item)` over many items, in this process or on a Dask cluster that it
 starts on first need: the scheduler named by `compute.dask_scheduler` to scale out, otherwise a local cluster
@@ -12,18 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clip.config import ComputeConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DeviceUnavailable(ValueError):
     """`compute.device` asks for a device this machine does not have."""
 
 
-def resolve_device_kind(device: str) -> str:
-    """'cuda' or 'cpu' for a `compute.device` value: `auto` takes CUDA when torch sees a GPU; `cuda` without one
-    is refused in one line (DeviceUnavailable) here, where the device is chosen, before any model or data exists."""
+def _device_type(device: str) -> str:
+    """'cuda' or 'cpu' for a `compute.device` value (the rule of `resolve_device`)."""
     if device == "cpu":
         return "cpu"
     import torch
@@ -33,6 +36,20 @@ def resolve_device_kind(device: str) -> str:
         raise DeviceUnavailable("compute.device is 'cuda' but no CUDA device is available (torch.cuda.is_available() "
                                 "is false); set compute.device=cpu or auto")
     return "cuda" if available else "cpu"
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """The torch device a process uses for a `compute.device` value: `auto` takes CUDA when torch sees a GPU;
+    `cuda` without one is refused in one line (DeviceUnavailable) here, where the device is chosen, before any model
+    or data exists. On CUDA, process `local_rank` of a node takes GPU `local_rank % device_count` and makes it the
+    current device (what NCCL and `torch.cuda` calls without an index then use)."""
+    import torch
+
+    if _device_type(device) == "cuda":
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
 
 
 class DaskRunner(AbstractContextManager):
@@ -66,10 +83,6 @@ class DaskRunner(AbstractContextManager):
                 )
                 self.client = Client(self.cluster)
         return self.client
-
-    def worker_processes(self) -> int:
-        """How many worker processes the cluster has now."""
-        return max(1, len(self.client_or_start().nthreads()))
 
     def run(self, fn: Callable[..., Any], shared: tuple[Any, ...], items: Iterable[tuple[Any, ...]],
             parallel: bool) -> Iterator[Any]:

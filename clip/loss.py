@@ -106,29 +106,6 @@ def _gather_rows(tensor: torch.Tensor, sizes: list[int], rank: int, with_grad: b
     return torch.cat([gathered[:start], tensor, gathered[start + tensor.shape[0] :]])
 
 
-def gather_features(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    local_loss: bool = False,
-    gather_with_grad: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-gather [n_r, D] image and text features into the global [sum n, D] batch, in rank order.
-
-    `local_loss` does not change what is gathered (kept for open_clip-like call sites); with
-    `gather_with_grad` the gradients flow back to the rank that owns each row (see the module docstring).
-    """
-    del local_loss  # both variants need the full global columns
-    if world_size == 1:
-        return image_features, text_features
-    sizes = _batch_sizes(image_features.shape[0], image_features.device, world_size)
-    return (
-        _gather_rows(image_features, sizes, rank, gather_with_grad),
-        _gather_rows(text_features, sizes, rank, gather_with_grad),
-    )
-
-
 def check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
     """ValueError unless both are [n, D] of one shape (the contract of every loss here)."""
     if image_features.ndim != 2 or text_features.ndim != 2:

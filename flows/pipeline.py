@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import logging
 import os
 import subprocess
@@ -63,7 +62,13 @@ from prefect.logging.handlers import APILogHandler
 
 from clip.config import load_config
 from clip.storage.redact import install_log_redaction, redact
-from pipelines._common import STAGE_RESULT_ENV, prepare_process, print_error, read_bad_input
+from pipelines._common import (
+    STAGE_RESULT_ENV,
+    prepare_process,
+    print_error,
+    read_bad_input,
+    read_checkout_metrics,
+)
 from pipelines.cli import STAGES
 from pipelines.events import FLOW_TRAINS_ENV, published_version
 from pipelines.lineage import FLOW_RUN_ENV, PARENT_RUN_ENV, finish_execution, start_execution
@@ -228,9 +233,7 @@ def run_dvc_stage(stage: str, repo: Path, echo: bool = False,
             raise StageFailed(f"stage {stage}: {refusal}", bad_input=True)
         raise StageFailed(_crash_report(stage, output))
     skipped = "didn't change, skipping" in output
-    metrics_path = repo / "reports" / "metrics" / f"{stage}.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    return {"stage": stage, "skipped": skipped, "metrics": metrics}
+    return {"stage": stage, "skipped": skipped, "metrics": read_checkout_metrics(repo, stage) or {}}
 
 
 def _markdown(outcome: dict[str, Any]) -> str:

@@ -1,5 +1,7 @@
 """What every stage entry point shares, so that `clip-pipeline <stage>` and `python -m pipelines.<stage>` behave alike.
 
+- `STAGES`: the seven stages in pipeline order, each a module `pipelines.<stage>`: the one list of them, which
+  the CLI (and, through it, the flow) imports.
 - `execute_stage(stage, cfg)`: imports `pipelines.<stage>`, runs it with the Rich progress display (or the given
   progress sink) and writes its metrics (`metrics_location`: `--metrics PATH`, which dvc.yaml's cmds pass as
   `reports/metrics/<stage>.json`; by hand in a checkout whose dvc.yaml declares that file, beside the stage's
@@ -30,19 +32,21 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
 from clip.config import DEFAULT_PARAMS, ConfigError, PipelineConfig, load_config
 from clip.formats.checkpoint import RUNS_DIR
-from clip.formats.metrics import metrics_beside, metrics_uri, write_metrics
+from clip.formats.metrics import metrics_beside, metrics_uri, read_metrics, write_metrics
 from clip.progress import Progress
 from clip.result import StageResult
 from clip.storage import ObjectNotFound, StorageError, write_bytes
 from clip.storage.redact import format_exception_redacted, install_log_redaction, redact
 from pipelines._progress import rich_progress
 
+STAGES = ("collect", "dedup", "shard", "train", "export", "evaluate", "promote")  # pipeline order
 DEBUG_ENV = "CLIP_PIPELINE_DEBUG"
 STAGE_RESULT_ENV = "CLIP_STAGE_RESULT"  # a JSON file path: where a stage records that it refused bad input
 KILL_ONCE_ENV = "CLIP_DEBUG_KILL_ONCE"  # "<stage>:<marker file>": test aid, the stage SIGKILLs itself once
@@ -134,6 +138,16 @@ def metrics_location(stage: str, cfg: PipelineConfig, given: str | None = None) 
     if os.environ.get("DVC_STAGE") or output is None or not declared_by_dvc(stage, uri):
         return uri
     return metrics_beside(output, stage)
+
+
+def read_checkout_metrics(repo: Path, stage: str) -> dict[str, Any] | None:
+    """The metrics DVC's last run of `stage` left in the checkout at `repo` (`metrics_uri(stage)`, relative to
+    it); None when it has none."""
+    uri = str(Path(repo) / metrics_uri(stage))
+    try:
+        return read_metrics(uri)
+    except ObjectNotFound:
+        return None
 
 
 _OUR_PACKAGES = tuple(str(Path(module.__file__).resolve().parent) + os.sep

@@ -4,7 +4,7 @@
     clip-pipeline config show [--params params.yaml] [--set train.batch_size=64] [--explain]
     clip-pipeline collect|dedup|shard|train|export|evaluate|promote [--params ...] [--set key=value ...]
     clip-pipeline train --nproc-per-node 8          # torchrun on this machine
-    clip-pipeline all                               # every built stage in order (what `make pipeline` runs)
+    clip-pipeline all                               # every stage in order, in this process (no DVC, no Prefect)
     clip-pipeline data list | data prune [--keep N] [--dry-run]   # data versions under shard.output
     clip-pipeline predict --bundle models/bundle a.jpg b.png --labels "cat,dog"   # zero-shot, no torch
     clip-pipeline index --bundle models/bundle ~/Photos --out photos.index       # search your photos, no torch
@@ -17,8 +17,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ from clip.result import StageResult
 from clip.storage.redact import format_exception_redacted
 from pipelines._common import (
     METRICS_HELP,
+    STAGES,
     execute_stage,
     exit_on_user_error,
     load_stage_config,
@@ -42,7 +41,6 @@ from pipelines.predict import predict as predict_command
 from pipelines.search import index as index_command
 from pipelines.search import search as search_command
 
-STAGES = ["collect", "dedup", "shard", "train", "export", "evaluate", "promote"]
 STAGE_HELP = {
     "collect": "Build queries, match and balance candidate pairs, fetch and validate images -> data/raw/.",
     "dedup": "Remove exact and near duplicates and evaluation-set overlap -> data/dedup/.",
@@ -71,18 +69,10 @@ def _load(params: str | None, overrides: list[str] | None) -> PipelineConfig:
     return load_stage_config(params, overrides or [])
 
 
-def stage_is_built(stage: str) -> bool:
-    return importlib.util.find_spec(f"pipelines.{stage}") is not None
-
-
-def run_stage(stage: str, cfg: PipelineConfig, metrics: str | None = None) -> StageResult | None:
+def run_stage(stage: str, cfg: PipelineConfig, metrics: str | None = None) -> StageResult:
     """Run one stage through `execute_stage` (metrics: `metrics`, or pipelines._common.metrics_location's
-    default); None when the stage is not built yet. Bad input exits with status 1 and one line
-    (pipelines._common). `train` is no exception: it launches torchrun itself when `compute` asks for several
-    processes."""
-    if not stage_is_built(stage):
-        console.print(f"[yellow]stage '{stage}' is not built yet: skipped[/yellow]")
-        return None
+    default). Bad input exits with status 1 and one line (pipelines._common). `train` is no exception: it
+    launches torchrun itself when `compute` asks for several processes."""
     console.rule(f"[bold]{stage}")
     start = time.monotonic()
     with exit_on_user_error(stage):
@@ -208,9 +198,6 @@ app.command("search")(search_command)
 def run_all(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     """Run every stage in order in this process, without DVC or Prefect (`run` is the orchestrated job)."""
     cfg = _load(params, set_)
-    missing = [s for s in STAGES if not stage_is_built(s)]
-    if missing:
-        console.print(f"[yellow]not built yet (will be skipped): {', '.join(missing)}[/yellow]")
     for stage in STAGES:
         run_stage(stage, cfg)
     console.print("[bold green]pipeline finished[/bold green]")

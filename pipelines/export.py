@@ -3,9 +3,10 @@
     clip-pipeline export [--params params.yaml] [--set export.checkpoint=models/runs/<run>/final.pt]
     python -m pipelines.export --set export.output_dir=s3://bucket/bundles/v1
 
-Reads `export.checkpoint` (null: the final.pt of the training run of the data version `train.data`'s latest.json
-names now, by the train stage's own folder rule: `train.output`, else `<export.runs_dir>/<train.model>-<data_version
-[:12]>/`; never merely the newest run, so a pointer moved back to an older version exports that version's model);
+Reads `export.checkpoint` (a file, or a run folder: its final.pt, else its highest step-N.pt; null: the training run
+of the data version `train.data`'s latest.json names now, by the train stage's own folder rule: `train.output`, else
+`<export.runs_dir>/<train.model>-<data_version[:12]>/`; never merely the newest run, so a pointer moved back to an
+older version exports that version's model; clip.formats.checkpoint `resolve_checkpoint`);
 writes image_encoder.onnx, text_encoder.onnx, tokenizer.json, preprocess.json, model_card.md and manifest.json
 (last) to a new version folder `<export.output_dir>/versions/<version>/`, then switches
 `<export.output_dir>/manifest.json` to it (a local folder or s3://; docs/formats.md "Export bundle"), metrics

@@ -15,15 +15,13 @@ FAILED. What the record says is what this execution did:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from clip.config import PipelineConfig, TrackingConfig, load_config
-from clip.formats.metrics import metrics_uri
 from clip.tracking import Tracker, is_uri
-from pipelines._common import FLOW_RUN_ENV, PARENT_RUN_ENV, params_hash
+from pipelines._common import FLOW_RUN_ENV, PARENT_RUN_ENV, STAGES, params_hash, read_checkout_metrics
 
 __all__ = ["FLOW_RUN_ENV", "NOOP_TAG", "PARENT_RUN_ENV", "finish_execution", "start_execution"]
 
@@ -46,8 +44,7 @@ def start_execution(repo: Path, flow_run_id: str | None) -> tuple[Tracker, str |
     cfg: PipelineConfig = load_config(repo / "params.yaml")
     tracker = Tracker(_in_repo(cfg.tracking, repo))
     tracker.fail_abandoned_runs()
-    hashes = {stage: params_hash(cfg, stage) for stage in
-              ("collect", "dedup", "shard", "train", "export", "evaluate", "promote")}
+    hashes = {stage: params_hash(cfg, stage) for stage in STAGES}
     run_id = tracker.start("pipeline", params=cfg.model_dump(mode="json"), tags={
         "prefect_flow_run_id": flow_run_id, "kind": "pipeline-execution",
         **{f"params_hash.{stage}": value for stage, value in hashes.items()}})
@@ -64,8 +61,9 @@ def finish_execution(tracker: Tracker, repo: Path, outcomes: list[dict[str, Any]
     for outcome in sorted(outcomes, key=lambda o: not o.get("skipped")):
         stage, skipped = outcome["stage"], bool(outcome.get("skipped"))
         tags[f"stage.{stage}"] = "skipped" if skipped else "ran"
-        path = repo / metrics_uri(stage)
-        data = json.loads(path.read_text()) if path.exists() else outcome.get("metrics", {})
+        data = read_checkout_metrics(repo, stage)
+        if data is None:
+            data = outcome.get("metrics", {})
         for key, value in data.items():
             if key == "data_version" and isinstance(value, str):
                 tags["data_version"] = value

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import clip.collect.stage as stage
-from clip.collect import sources
 from clip.collect.build import ShardEntry, ShardTask, build_shard, close_shared_fetchers
 from clip.collect.sources import Candidate, TableSource, text_partition_starts
+from clip.collect.sources import table as table_source
 from clip.compute import DaskRunner
 from clip.config import CollectConfig, ComputeConfig, StorageConfig, TableSourceConfig
 from tests.support.webserver import ImageServer
@@ -86,7 +86,7 @@ def test_csv_cut_only_outside_quoted_fields(tmp_path: Path, monkeypatch: pytest.
     with open(path, "rb") as handle:
         starts, size = text_partition_starts(handle, 16 << 10, csv=True)
     assert size == len(data) and starts[0] == header_end and len(starts) >= 7
-    monkeypatch.setattr(sources, "_SCAN_BLOCK_BYTES", 777)  # quote state and targets carried across blocks
+    monkeypatch.setattr(table_source, "_SCAN_BLOCK_BYTES", 777)  # quote state and targets carried across blocks
     with open(path, "rb") as handle:
         assert text_partition_starts(handle, 16 << 10, csv=True) == (starts, size)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,9 +17,11 @@ from PIL import Image
 import clip.collect.stage as stage
 from clip.collect.matching import QueryMatcher
 from clip.config import CollectConfig, ComputeConfig, StorageConfig
+from clip.formats.candidates import CANDIDATE_COLUMNS, CANDIDATES_NAME, write_candidates
 from clip.formats.raw import SYNTHETIC_IMAGE_SIZE_FIELD
 from clip.imagehash import hamming, hex_to_int, phash64
 from clip.progress import Progress, RecordingProgress
+from clip.storage import StorageError
 
 JSON_FIELDS = {"key", "url", "caption", "query", "source", "width", "height", "sha256", "phash", "color"}
 
@@ -85,6 +88,30 @@ def test_synthetic_stage_end_to_end(tmp_path: Path) -> None:
     assert on_disk["shards"] == 3 and on_disk[SYNTHETIC_IMAGE_SIZE_FIELD] == 48  # what dedup renders its eval sets at
 
 
+def test_candidates_file_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    """clip.formats.candidates streams its batches through clip.storage: a batch that fails (a source that breaks
+    mid-read, a status the format does not know) leaves the previous file whole and no temporary file behind."""
+    row = {"key": ["000000000"], "url": ["u"], "caption": ["a red circle"], "query": ["red"], "status": ["ok"],
+           "reason": [None], "shard": ["raw-00000.tar"]}
+    out = tmp_path / "raw"
+    write_candidates(str(out), [row, {**row, "key": [None], "status": ["skipped"], "reason": ["no_query"]}])
+    before = (out / CANDIDATES_NAME).read_bytes()
+    assert [r["status"] for r in pq.read_table(out / CANDIDATES_NAME).to_pylist()] == ["ok", "skipped"]
+
+    def breaks_after_one() -> Iterator[dict]:
+        yield row
+        raise OSError("candidate source went away")
+
+    with pytest.raises(StorageError, match="went away"):
+        write_candidates(str(out), breaks_after_one())
+    with pytest.raises(ValueError, match="unknown status"):
+        write_candidates(str(out), [{**row, "status": ["lost"]}])
+    with pytest.raises(ValueError, match="columns"):
+        write_candidates(str(out), [{name: row[name] for name in CANDIDATE_COLUMNS[:-1]}])
+    assert (out / CANDIDATES_NAME).read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == [CANDIDATES_NAME]
+
+
 def test_per_query_cap_skips_and_keys_are_contiguous(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, per_query_cap=2)
     stats = _run(cfg)
@@ -111,7 +138,7 @@ def test_restart_rebuilds_only_missing_shards(tmp_path: Path) -> None:
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in raw.glob("raw-*.tar")}
     (raw / "raw-00001.tar").unlink()  # lost shard
     (raw / "records" / "raw-00002.json").unlink()  # tar renamed but its record never written
-    (raw / ".raw-00002.tar.partial").write_bytes(b"half a tar")  # left over by a killed writer
+    (raw / ".raw-00002.tar.tmp-0123456789ab").write_bytes(b"half a tar")  # left over by a killed writer
     progress = RecordingProgress()
     stats = _run(cfg, progress=progress)
     assert stats["shards_built"] == 2 and stats["shards_reused"] == 1 and stats["partials_removed"] == 1

@@ -248,3 +248,26 @@ def test_stale_checkpoint_temp_files_are_removed_at_start(tmp_path: Path) -> Non
     _train(tmp_path / "shards", out)
     assert not any(path.exists() for path in ours)
     assert all(path.exists() for path in others) and (others[2] / ".final.pt.tmp-0123456789ab").exists()
+
+
+def test_leftovers_of_a_killed_write_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    """A process killed inside `storage.write_stream` leaves its temporary file; `storage.remove_leftovers` (what
+    collect runs first) deletes exactly such files of the folder itself, not other dot files or sub-folders'."""
+    out = tmp_path / "raw"
+    script = ("import os, signal, sys; from clip import storage\n"
+              "def fill(handle):\n"
+              "    handle.write(b'half a shard'); handle.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+              "storage.write_stream(sys.argv[1], fill)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(out / "raw-00000.tar")], cwd=REPO)
+    assert done.returncode == -signal.SIGKILL
+    leftover = [p.name for p in out.iterdir()]
+    assert len(leftover) == 1 and leftover[0].startswith(".raw-00000.tar.tmp-")
+    others = [out / ".keep", out / "notes.tmp-0123456789ab", out / ".raw-00001.tar.tmp-short", out / "records"]
+    for path in others[:3]:
+        path.write_bytes(b"not a write of ours")
+    others[3].mkdir()
+    (others[3] / ".raw-00000.json.tmp-0123456789ab").write_bytes(b"in a sub-folder")
+    assert storage.remove_leftovers(str(out)) == leftover
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in others)
+    assert (others[3] / ".raw-00000.json.tmp-0123456789ab").exists()
+    assert storage.remove_leftovers(str(out)) == [] and storage.remove_leftovers("s3://bucket/raw") == []

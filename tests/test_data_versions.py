@@ -23,9 +23,9 @@ from clip.formats.manifest import read_manifest
 from clip.shards import stage as shard_stage
 from clip.shards.versions import list_versions, prune
 from clip.train import stage as train_stage
+from clip.train.shard_reader import ShardIntegrityError
 from clip.train.streams import (
     RawStream,
-    ShardIntegrityError,
     StreamPlan,
     StreamStats,
     open_uri,

@@ -381,6 +381,30 @@ def test_run_dedup_on_a_local_dask_cluster(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "removed.parquet").read_bytes() == (tmp_path / "b" / "removed.parquet").read_bytes()
 
 
+def test_dedup_asks_the_compute_runner_for_a_cluster(tmp_path: Path) -> None:
+    """dedup.use_dask unset: the near-duplicate search goes where the compute section's runner says, as collect's
+    steps do (`DaskRunner.wants_cluster`): a configured scheduler takes it, a local setup keeps a small pool in
+    process; use_dask false keeps it in process whatever the compute section says."""
+    from dask.distributed import LocalCluster
+
+    raw, _ = build_planted_pool(tmp_path, num_scenes=16, seed=5)
+    base = {"input_dir": str(raw), "decontaminate_synthetic": False}
+    local = run_dedup(DedupConfig(**base, output_dir=str(tmp_path / "a")), compute=ComputeConfig(dask_workers=2))
+    assert local.metrics["use_dask"] is False
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster:
+        scheduled = ComputeConfig(dask_scheduler=cluster.scheduler_address)
+        kept_home = run_dedup(DedupConfig(**base, output_dir=str(tmp_path / "c"), use_dask=False), compute=scheduled)
+        assert "partition_edges" not in cluster.scheduler.task_prefixes
+        on_cluster = run_dedup(DedupConfig(**base, output_dir=str(tmp_path / "b")), compute=scheduled)
+        assert "partition_edges" in cluster.scheduler.task_prefixes  # the search's tasks ran there
+    assert on_cluster.metrics["use_dask"] is True and kept_home.metrics["use_dask"] is False
+    assert on_cluster.reason == local.reason == kept_home.reason and on_cluster.duplicate_of == local.duplicate_of
+    # the key's description (config show --explain) names the pool size a local cluster starts from
+    from clip.dedup.dedup import MIN_SAMPLES_FOR_CLUSTER
+    assert f"{MIN_SAMPLES_FOR_CLUSTER:,} samples" in (DedupConfig.model_fields["use_dask"].description or "")
+
+
 def test_synthetic_image_size_comes_from_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dedup renders the synthetic evaluation sets at the size collect recorded in the pool's stats.json (it
     never sees collect's config); a pool without stats.json gets the generator's default, 64."""

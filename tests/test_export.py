@@ -26,8 +26,8 @@ from clip.export import ParityError, stage
 from clip.export.publish import EVALUATION_BEGIN, EVALUATION_END
 from clip.formats.bundle import verify_bundle
 from clip.formats.checkpoint import FINAL_NAME, TrainedRun, checkpoint_bytes
-from clip.formats.errors import FormatError, MissingInputError
-from clip.model import create_model
+from clip.formats.errors import MissingInputError
+from clip.model import CheckpointMismatchError, create_model
 from clip.tokenizer import Tokenizer
 from clip.transforms import describe_transforms
 
@@ -92,7 +92,7 @@ def test_dynamic_batch_and_text_padding_match_the_checkpoint(tmp_path: Path, tok
     """Batch sizes never traced (1, 3, 7) and captions of very different lengths, against eager PyTorch."""
     ckpt = write_checkpoint(tmp_path / FINAL_NAME, "tiny-vit", tokenizer, seed=3)
     files = Path(export(ckpt, tmp_path / "bundle").outputs["files"])
-    model = stage.load_checkpoint(str(ckpt)).model
+    model = stage.load_for_export(str(ckpt), None).model
     image = ort.InferenceSession(str(files / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
     text = ort.InferenceSession(str(files / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in image.get_outputs()] == ["embedding", "features"]
@@ -154,11 +154,11 @@ def test_missing_checkpoint_errors_name_the_thing(tmp_path: Path) -> None:
     with pytest.raises(MissingInputError, match=f"{tmp_path}/nope.pt does not exist"):
         export(tmp_path / "nope.pt", tmp_path / "bundle")
     (tmp_path / "run").mkdir()
-    with pytest.raises(MissingInputError, match=f"no final.pt in {tmp_path}/run"):
+    with pytest.raises(MissingInputError, match=f"no checkpoint in {tmp_path}/run \\(export.checkpoint\\)"):
         export(tmp_path / "run", tmp_path / "bundle")
     unfinished = TrainedRun(str(tmp_path / "runs" / "tiny-vit-aaaaaaaaaaaa"), "a" * 64)
-    with pytest.raises(MissingInputError, match="no finished training run for data version aaaaaaaaaaaa: "
-                                                 f"{unfinished.folder}/final.pt does not exist"):
+    with pytest.raises(MissingInputError, match="no finished training run for data version aaaaaaaaaaaa: no final.pt in "
+                                                 f"{unfinished.folder} "):
         stage.run(ExportConfig(output_dir=str(tmp_path / "bundle")), storage=StorageConfig(),
                   compute=ComputeConfig(), train_run=unfinished)
     assert not (tmp_path / "bundle").exists()
@@ -168,7 +168,7 @@ def test_a_run_folder_means_its_final_checkpoint(tmp_path: Path, tokenizer: Toke
     """(Which run export.checkpoint: null means, the run of the data version latest.json names: test_lineage.py.)"""
     run = tmp_path / "runs" / "tiny-vit-aaaa"
     final = write_checkpoint(run / FINAL_NAME, "tiny-vit", tokenizer, seed=1)
-    assert stage.resolve_checkpoint(ExportConfig(checkpoint=str(run))) == str(final)
+    assert stage.checkpoint_to_export(ExportConfig(checkpoint=str(run)), None) == str(final)
 
 
 def test_config_and_weights_that_disagree_are_refused(tmp_path: Path, tokenizer: Tokenizer) -> None:
@@ -176,7 +176,8 @@ def test_config_and_weights_that_disagree_are_refused(tmp_path: Path, tokenizer:
     checkpoint = torch.load(ckpt, weights_only=True)
     checkpoint["model_config"] = create_model("tiny-rn", vocab_size=tokenizer.vocab_size).config.to_dict()
     ckpt.write_bytes(checkpoint_bytes(checkpoint))
-    with pytest.raises(FormatError, match=f"{ckpt}: weights disagree with its model_config \\(tiny-rn\\)") as err:
+    with pytest.raises(CheckpointMismatchError,
+                       match=f"{ckpt}: weights disagree with its model_config \\(tiny-rn\\)") as err:
         export(ckpt, tmp_path / "bundle")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "bundle").exists()

@@ -25,16 +25,18 @@ from clip.model import (
     CLIPOutput,
     ModelConfigError,
     StateDictMismatchError,
+    build_from_checkpoint,
     config_from_state_dict,
     create_model,
     create_model_from_config,
     list_models,
-    load_checkpoint,
     load_openai_state_dict,
 )
 from clip.model.loading import read_weights
 from clip.model.transformer import Transformer
 from clip.optim import build_optimizer, param_groups
+from clip.tokenizer import Tokenizer
+from clip.tokenizer.bpe import MIN_VOCAB_SIZE
 from tests.support.openclip_twin import open_clip_from_config
 
 open_clip = pytest.importorskip("open_clip")
@@ -441,9 +443,11 @@ def test_load_from_files_torchscript_and_checkpoints(name: str, tmp_path: Path) 
     assert inferred.to_dict() | {"name": ""} == source.config.to_dict() | {"name": ""}
     check(load_openai_state_dict(create_model(name), archive))
 
-    checkpoint = tmp_path / "final.pt"  # docs/formats.md: the model rebuilds from its own config
-    torch.save({"model": source.state_dict(), "model_config": source.config.to_dict(), "step": 3}, checkpoint)
-    check(load_checkpoint(checkpoint))
+    checkpoint = {"model": source.state_dict(), "model_config": source.config.to_dict(), "step": 3,  # docs/formats.md
+                  "tokenizer": Tokenizer.train(["a photo of a cat"], vocab_size=MIN_VOCAB_SIZE).to_json()}
+    model, tokenizer = build_from_checkpoint(checkpoint, "final.pt")  # the model rebuilds from its own config
+    check(model)
+    assert not model.training and tokenizer.vocab_size == MIN_VOCAB_SIZE
 
 
 def test_mismatched_weights_name_the_first_offending_keys() -> None:

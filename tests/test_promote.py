@@ -82,6 +82,35 @@ def test_champion_moves_only_to_a_better_version(tmp_path: Path, mlflow_store: d
     assert model.metadata.metadata["clip_model"] == "tiny-vit"
 
 
+def test_a_promotion_run_again_registers_nothing_twice(tmp_path: Path, mlflow_store: dict[str, str]) -> None:
+    """A promote stage run again on the same bundle and results (after a failure further on, or a rerun) reuses
+    the version it registered: no duplicate in the registry, the aliases decided as before."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_store["uri"], registry_uri=mlflow_store["uri"])
+    good, weak = make_bundle(tmp_path / "good", seed=1), make_bundle(tmp_path / "weak", seed=2)
+    good_results = _write_results(tmp_path / "good.json", {"synthetic-shapes": 0.7})
+    weak_results = _write_results(tmp_path / "weak.json", {"synthetic-shapes": 0.3})
+    first = _promote(_cfg(good, good_results, mlflow_store))
+    name = first.metrics["model_name"]
+    again = _promote(_cfg(good, good_results, mlflow_store))
+    assert (again.metrics["version"], again.metrics["decision"], again.metrics["reused"]) == (1, "champion", 1)
+    assert "already holds champion" in again.metrics["reason"]
+    weak_first = _promote(_cfg(weak, weak_results, mlflow_store))
+    weak_again = _promote(_cfg(weak, weak_results, mlflow_store))
+    assert (weak_first.metrics["version"], weak_first.metrics["decision"], weak_first.metrics["reused"]) == (
+        2, "challenger", 0)
+    assert (weak_again.metrics["version"], weak_again.metrics["decision"], weak_again.metrics["reused"]) == (
+        2, "challenger", 1)
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'")) == [1, 2]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    # the same checkpoint evaluated anew (other scores) is a new promotion: registered, and compared
+    rescored = _promote(_cfg(weak, _write_results(tmp_path / "rescored.json", {"synthetic-shapes": 0.9}),
+                             mlflow_store))
+    assert (rescored.metrics["version"], rescored.metrics["decision"], rescored.metrics["reused"]) == (
+        3, "champion", 0)
+
+
 def test_bad_inputs_are_refused_before_anything_is_registered(tmp_path: Path, mlflow_store: dict[str, str]) -> None:
     from mlflow.tracking import MlflowClient
 

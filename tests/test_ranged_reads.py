@@ -27,9 +27,9 @@ from clip.train import stage as train_stage
 from clip.train.checkpoint import find_latest, meta_uri, save_checkpoint, step_name
 from clip.train.resume import find_resume_point
 from clip.train.schedule import plan_schedule
+from clip.train.shard_reader import ShardIntegrityError
 from clip.train.streams import (
     RawStream,
-    ShardIntegrityError,
     StreamPlan,
     StreamStats,
     open_uri,

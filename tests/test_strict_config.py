@@ -108,13 +108,14 @@ def test_storage_errors_keep_the_reason(monkeypatch: pytest.MonkeyPatch) -> None
 def test_cuda_without_a_gpu_is_one_line(tmp_path: Path) -> None:
     import torch
 
-    from clip.compute import DeviceUnavailable, resolve_device_kind
+    from clip.compute import DeviceUnavailable, resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
-    with pytest.raises(DeviceUnavailable, match="compute.device is 'cuda' but no CUDA device is available"):
-        resolve_device_kind("cuda")
-    assert resolve_device_kind("auto") == resolve_device_kind("cpu") == "cpu"
+    for local_rank in (0, 3):
+        with pytest.raises(DeviceUnavailable, match="compute.device is 'cuda' but no CUDA device is available"):
+            resolve_device("cuda", local_rank)
+        assert resolve_device("auto", local_rank) == resolve_device("cpu", local_rank) == torch.device("cpu")
     proc = _run([CLI, "train", "--set", "compute.device=cuda"], tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "│" not in proc.stderr, proc.stderr
     [error] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clip import storage
 from clip.tokenizer import (
     EOT_TOKEN,
     MIN_VOCAB_SIZE,
@@ -241,12 +242,13 @@ def test_training_is_deterministic_across_processes(trained: Tokenizer, tmp_path
     script = (
         "import sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]);"
         "from test_tokenizer import _captions; from clip.tokenizer import Tokenizer;"
-        "Tokenizer.train(_captions(2000), vocab_size=560, context_length=32).save(sys.argv[3])"
+        "from pathlib import Path;"
+        "Path(sys.argv[3]).write_text(Tokenizer.train(_captions(2000), vocab_size=560, context_length=32).to_json())"
     )
     out = tmp_path / "tok.json"
     env = dict(os.environ, PYTHONHASHSEED="12345")
     subprocess.run([sys.executable, "-c", script, str(REPO / "tests"), str(REPO), str(out)], check=True, env=env)
-    assert Tokenizer.load(out).to_json() == trained.to_json()
+    assert Tokenizer.from_json(out.read_text()).to_json() == trained.to_json()
 
 
 def test_small_corpus_gives_smaller_vocab_and_minimum_is_enforced() -> None:
@@ -268,9 +270,8 @@ def test_json_file_and_pickle_round_trips(which: str, trained: Tokenizer, clip_t
     want = tok(texts)
     restored = Tokenizer.from_json(tok.to_json())
     path = tmp_path / "sub" / "tokenizer.json"
-    tok.save(path)
-    assert [p.name for p in path.parent.iterdir()] == ["tokenizer.json"]  # no temporary left behind
-    loaded = Tokenizer.load(path)
+    storage.write_bytes(str(path), tok.to_json().encode("utf-8"))
+    loaded = Tokenizer.from_json(storage.read_bytes(str(path)).decode("utf-8"))
     unpickled = pickle.loads(pickle.dumps(tok))
     for other in (restored, loaded, unpickled):
         assert other.vocab_size == tok.vocab_size and other.context_length == tok.context_length
@@ -278,23 +279,14 @@ def test_json_file_and_pickle_round_trips(which: str, trained: Tokenizer, clip_t
         assert other.eot_token_id == tok.eot_token_id and other.sot_token_id == tok.sot_token_id
 
 
-def test_save_and_load_through_s3(trained: Tokenizer, s3_bucket: str) -> None:
-    """save/load go through clip.storage: an s3:// URI works like a path (moto server, AWS_ENDPOINT_URL set)."""
-    import hashlib
-
-    from clip import storage
-
+def test_json_round_trips_through_s3(trained: Tokenizer, s3_bucket: str) -> None:
+    """The JSON document stored on S3 through clip.storage (moto server, AWS_ENDPOINT_URL set) gives the same ids."""
     uri = f"s3://{s3_bucket}/models/checkpoints/tokenizer.json"
-    trained.save(uri)
-    stored = storage.read_bytes(uri)
-    assert stored == trained.to_json().encode("utf-8")
-    assert storage.sha256(uri) == hashlib.sha256(stored).hexdigest()  # written by clip.storage (checksum metadata)
-    loaded = Tokenizer.load(uri)
+    storage.write_bytes(uri, trained.to_json().encode("utf-8"))
+    loaded = Tokenizer.from_json(storage.read_bytes(uri).decode("utf-8"))
     assert loaded.to_json() == trained.to_json()
     texts = ["a red circle above two tiny squares", "Zebra! 東京 🐶"]
     assert torch.equal(loaded(texts), trained(texts))
-    with pytest.raises(FileNotFoundError):
-        Tokenizer.load(f"s3://{s3_bucket}/models/missing.json")
 
 
 def test_random_mixed_script_captions_equal_open_clip(clip_tok: Tokenizer, reference) -> None:

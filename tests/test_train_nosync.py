@@ -168,7 +168,8 @@ def test_the_guard_stops_a_streak_that_ended_before_the_check() -> None:
 # ----------------------------------------------------------------------------------------------------------
 # a whole run: host reads do not grow with the step count
 
-TRAINING_CODE = ("clip/train/stage.py", "clip/train/step.py", "clip/train/report.py", "clip/loss.py", "clip/model/")
+TRAINING_CODE = ("clip/train/stage.py", "clip/train/step.py", "clip/train/report.py", "clip/train/steplog.py",
+                 "clip/train/checkpointer.py", "clip/train/prepare.py", "clip/loss.py", "clip/model/")
 
 
 def _run_reads(data: Path, out: Path, epochs: int) -> list[tuple[str, str]]:

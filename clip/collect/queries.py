@@ -94,13 +94,15 @@ class NgramCounts:
         return sum(self.bigrams.values())
 
 
-def bigram_pmi(counts: NgramCounts, first: str, second: str) -> float:
-    """log2( p(first second) / (p(first) p(second)) ), probabilities over all words / all adjacent pairs."""
+def bigram_pmi(counts: NgramCounts, first: str, second: str, totals: tuple[int, int] | None = None) -> float:
+    """log2( p(first second) / (p(first) p(second)) ), probabilities over all words / all adjacent pairs.
+
+    `totals`: (total words, total bigrams) when the caller has them already (a loop over every bigram)."""
     pair = counts.bigrams.get((first, second), 0)
     if pair == 0:
         return -math.inf
-    p_pair = pair / counts.total_bigrams
-    total = counts.total_words
+    total, total_bigrams = totals if totals is not None else (counts.total_words, counts.total_bigrams)
+    p_pair = pair / total_bigrams
     return math.log2(p_pair / ((counts.words[first] / total) * (counts.words[second] / total)))
 
 
@@ -112,16 +114,12 @@ def mine_queries(
     for word, count in counts.words.items():
         if count >= min_word_count and word not in STOPWORDS:
             found[word] = count
-    total_words, total_bigrams = counts.total_words, counts.total_bigrams
-    if total_bigrams:
+    totals = (counts.total_words, counts.total_bigrams)
+    if totals[1]:
         for (first, second), count in counts.bigrams.items():
             if count < min_bigram_count or first in STOPWORDS or second in STOPWORDS:
                 continue
-            pmi = math.log2(
-                (count / total_bigrams)
-                / ((counts.words[first] / total_words) * (counts.words[second] / total_words))
-            )
-            if pmi >= min_pmi:
+            if bigram_pmi(counts, first, second, totals) >= min_pmi:
                 found[f"{first} {second}"] = count
     return found
 

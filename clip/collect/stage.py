@@ -15,12 +15,12 @@ Steps (each map step runs one task per source partition, on Dask when the pool i
 4. Plan: kept candidates in global candidate order get keys 000000000, 000000001, ...; shard = key //
    samples_per_shard. The same pool and config give the same keys and shards on every run.
 5. Shards (one task each, clip.collect.build): fetch (table) or load/render the images, validate and re-encode,
-   write raw-NNNNN.tar (temp name, then rename) and its done-record. Shards whose tar and record exist with a
-   matching fingerprint are not redone; with `fetch.retry_failed`, shards whose record holds a retryable
-   failure are rebuilt whole (all their candidates are tried again; the keys stay the same). On Dask, a URL
-   source's fetches run in the worker process that owns the URL's host (`build_host_owned`), so the per-host
-   concurrency and rate limits hold as configured across all workers; only the writing of a shard may run
-   anywhere.
+   write raw-NNNNN.tar (through clip.storage: visible only once complete) and its done-record. Shards whose
+   tar and record exist with a matching fingerprint are not redone; with `fetch.retry_failed`, shards whose
+   record holds a retryable failure are rebuilt whole (all their candidates are tried again; the keys stay the
+   same). On Dask, a URL source's fetches run in the worker process that owns the URL's host
+   (`build_host_owned`), so the per-host concurrency and rate limits hold as configured across all workers; only
+   the writing of a shard may run anywhere.
 6. Summaries, always rewritten from the records (clip.collect.summary): candidates.parquet, query_counts.json,
    stats.json. stats.json also records `collect.synthetic.image_size` for dedup (docs/formats.md).
 
@@ -59,13 +59,14 @@ from clip.collect.summary import stage_metrics, write_summaries
 from clip.collect.writer import RawOutput
 from clip.compute import DaskRunner
 from clip.config import CollectConfig, ComputeConfig, FetchConfig, StorageConfig, TrackingConfig
+from clip.formats.candidates import candidates_uri
 from clip.formats.raw import (
-    CANDIDATES_NAME,
     QUERY_COUNTS_NAME,
     RECORDS_DIR,
     STATS_NAME,
     SYNTHETIC_IMAGE_SIZE_FIELD,
     raw_record_name,
+    raw_shard_index,
     raw_shard_name,
 )
 from clip.progress import Progress
@@ -102,7 +103,7 @@ def run(
     outputs = {
         "raw": cfg.output_dir,
         "queries": cfg.queries_path,
-        "candidates": storage_lib.join(cfg.output_dir, CANDIDATES_NAME),
+        "candidates": candidates_uri(cfg.output_dir),
         "query_counts": storage_lib.join(cfg.output_dir, QUERY_COUNTS_NAME),
         "stats": storage_lib.join(cfg.output_dir, STATS_NAME),
     }
@@ -289,7 +290,9 @@ def _collect(
         built_ok = 0
         shard_progress = _ShardProgress(progress, len(tasks), list(records.values()))
         for record in built:
-            index = int(record["shard"][4:9])
+            index = raw_shard_index(record["shard"])
+            if index is None:
+                raise RuntimeError(f"a built shard's record names {record['shard']!r}, not a raw shard")
             records[index] = record
             built_ok += sum(1 for s in record["samples"] if s["status"] == "ok")
             shard_progress.shard_built(record)

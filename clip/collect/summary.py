@@ -7,6 +7,7 @@ whole pool, not only the shards it built. Formats: docs/formats.md "Raw shards".
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,8 @@ from clip.collect.partitions import PartitionMatches, caption_too_long
 from clip.collect.sources import CandidateSource, Partition
 from clip.collect.writer import RawOutput
 from clip.config import CollectConfig
-from clip.formats.raw import CANDIDATES_NAME, QUERY_COUNTS_NAME, raw_shard_name
-
-STATUSES = ("ok", "failed", "filtered", "skipped")
+from clip.formats.candidates import CANDIDATE_COLUMNS, CANDIDATE_STATUSES, write_candidates
+from clip.formats.raw import QUERY_COUNTS_NAME, raw_shard_name
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -38,9 +38,6 @@ def write_summaries(
     nor have those filtered as `caption_too_long` (refused before matching).
     `balanced`: the `clip.collect.matching.balance` result; `part_start[p]`: global id of partition p's row 0.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     by_candidate: dict[int, tuple[dict[str, Any], int]] = {}
     for index, record in records.items():
         for sample in record["samples"]:
@@ -48,19 +45,15 @@ def write_summaries(
     status_counts: Counter = Counter()
     reason_counts: Counter = Counter()
     ok_per_query: Counter = Counter()
-    schema = pa.schema([
-        ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("query", pa.string()),
-        ("status", pa.string()), ("reason", pa.string()), ("shard", pa.string()),
-    ])
     assigned = balanced.assigned
     query_order = np.empty(len(queries), np.int64)  # rarest-first rank, for naming a full query
     query_order[np.lexsort((np.arange(len(queries)), balanced.match_counts))] = np.arange(len(queries))
     entry_query = {e.candidate: e.query for t in tasks for e in t.entries}
 
-    local_tmp = output.temp_path(CANDIDATES_NAME)
-    with pq.ParquetWriter(local_tmp, schema) as writer:
+    def partition_rows() -> Iterator[dict[str, list[Any]]]:
+        """One batch of candidates.parquet rows per partition; counts the statuses on the way."""
         for p, result in enumerate(results):
-            columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+            columns: dict[str, list[Any]] = {name: [] for name in CANDIDATE_COLUMNS}
             base = int(part_start[p])
             offsets, qids = result.offsets, result.query_ids
             for row, cand in enumerate(source.iter_candidates(parts[p])):
@@ -85,11 +78,12 @@ def write_summaries(
                 status_counts[status] += 1
                 if reason:
                     reason_counts[reason] += 1
-                for name, value in zip(schema.names, (key, cand.url, cand.caption, query, status, reason, shard),
+                for name, value in zip(CANDIDATE_COLUMNS, (key, cand.url, cand.caption, query, status, reason, shard),
                                        strict=True):
                     columns[name].append(value)
-            writer.write_table(pa.table(columns, schema=schema))
-    output.publish(local_tmp, CANDIDATES_NAME)
+            yield columns
+
+    write_candidates(output.uri, partition_rows(), output.storage_cfg)
 
     counts = {
         queries[q]: {"matched": int(balanced.match_counts[q]), "assigned": int(balanced.assigned_counts[q]),
@@ -104,7 +98,7 @@ def write_summaries(
         "candidates": int(part_start[-1]),
         "matched": sum(int(np.count_nonzero(np.diff(r.offsets))) for r in results),
         "assigned": int(np.count_nonzero(assigned >= 0)),
-        "by_status": {s: status_counts.get(s, 0) for s in STATUSES},
+        "by_status": {s: status_counts.get(s, 0) for s in CANDIDATE_STATUSES},
         "by_reason": dict(sorted(reason_counts.items())),
         "queries_with_matches": len(counts),
     }

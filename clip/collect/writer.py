@@ -1,5 +1,5 @@
-"""Raw shard output: webdataset tars written under a temporary name and renamed when complete, plus the small
-per-shard done-records that make the collection stage restartable.
+"""Raw shard output: webdataset tars written through `clip.storage` (visible under their names only once complete),
+plus the small per-shard done-records that make the collection stage restartable.
 
 Layout under `collect.output_dir` (a local folder or s3://bucket/prefix):
 
@@ -14,17 +14,12 @@ interruption between the two leaves a shard that is simply built again.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from clip import storage
 from clip.config import StorageConfig
 from clip.formats.raw import RECORDS_DIR, RawSample, raw_shard_index, raw_shard_name, write_raw_shard
-from clip.storage.local import TMP_MARK
-
-_PARTIAL_SUFFIX = ".partial"  # local temp name: .raw-00003.tar.partial (fixed: a rerun overwrites it)
 
 
 class RawOutput:
@@ -65,35 +60,10 @@ class RawOutput:
         return storage.write_stream(self.path(raw_shard_name(index)), lambda handle: write_raw_shard(handle, samples),
                                     self.storage_cfg)
 
-    def temp_path(self, name: str) -> str:
-        """A local file to write `name` into before `publish`: beside the final file locally, else in /tmp."""
-        if not self.is_s3:
-            return str(Path(self.uri, f".{name}{_PARTIAL_SUFFIX}"))
-        folder = tempfile.mkdtemp(prefix="raw-output-")
-        return str(Path(folder, name))
-
-    def publish(self, local_tmp: str, name: str) -> None:
-        """Move a finished temp_path file to its final name (rename locally, one atomic upload to S3)."""
-        if not self.is_s3:
-            os.replace(local_tmp, Path(self.uri, name))
-            return
-        try:
-            storage.upload_file(local_tmp, self.path(name), self.storage_cfg)
-        finally:
-            Path(local_tmp).unlink(missing_ok=True)
-            Path(local_tmp).parent.rmdir()
-
     def remove_partials(self) -> list[str]:
-        """Delete half-written shards left by an interrupted run (local output; S3 never shows partial objects)."""
-        if self.is_s3:
-            return []
-        removed = []
-        # Ours (candidates.parquet's temp_path) and clip.storage's temporary names (`.<name>.tmp-<hex>`).
-        for pattern in (f".*{_PARTIAL_SUFFIX}", f".*{TMP_MARK}*"):
-            for partial in Path(self.uri).glob(pattern):
-                partial.unlink(missing_ok=True)
-                removed.append(partial.name)
-        return sorted(removed)
+        """Delete what interrupted writes left in the output folder (clip.storage's temporary files; S3 never shows
+        partial objects); returns their names. Called before this run writes anything."""
+        return storage.remove_leftovers(self.uri)
 
     def existing_shard_indices(self) -> set[int]:
         """Indices of raw-NNNNN.tar and records/raw-NNNNN.json present in the output."""

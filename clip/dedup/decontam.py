@@ -18,13 +18,13 @@ from PIL import Image
 
 from clip.dedup.neardup import find_cross_pairs
 from clip.formats.errors import MissingInputError
+from clip.formats.images import IMAGE_SUFFIXES
 from clip.formats.raw import COLOR_LENGTH, color_signature
 from clip.imagehash import phash64
 from clip.synthetic import EVAL_SET_NAMES, generate_eval_set
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SYNTHETIC_EVAL_SEED = 0
 SYNTHETIC_EVAL_SIZE = 1000
 
@@ -83,7 +83,7 @@ def hash_image_folder(folder: str | Path, name: str | None = None,
     root = Path(folder)
     if not root.is_dir():
         raise MissingInputError(f"evaluation folder {folder} does not exist (dedup.eval_dirs)")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
     def images():  # (id, RGB image or None when unreadable)
         for path in paths:

@@ -46,6 +46,11 @@ from clip.result import StageResult
 
 REASONS = ("eval_overlap", "exact_caption_image", "exact_sha256", "near_duplicate")
 _KEPT = -1  # reason code of a kept sample; otherwise the index into REASONS
+# Fewest live samples for which the near-duplicate search goes to a local Dask cluster (`DaskRunner.wants_cluster`;
+# a configured scheduler takes every pool). Below it the in-process search takes under ~35 CPU-seconds, and shipping
+# the hashes to local workers costs more than it saves (BENCHMARKS.md: 1M hashes, 3.4 s in process, 35-48 s as
+# tasks on 2 local workers).
+MIN_SAMPLES_FOR_CLUSTER = 10_000_000
 
 __all__ = ["REASONS", "DedupResult", "deduplicate", "load_eval_sets", "normalize_caption", "write_outputs"]
 
@@ -94,21 +99,20 @@ def _remove_groups(pool: PoolMetadata, alive: np.ndarray, group_of: np.ndarray, 
     return int(removed.size)
 
 
-def _near_duplicates(hashes: np.ndarray, cfg: DedupConfig, compute: ComputeConfig | None, dask: Any,
+def _near_duplicates(hashes: np.ndarray, cfg: DedupConfig, runner: DaskRunner, on_cluster: bool, dask: Any,
                      progress: Progress | None, colors: np.ndarray | None,
                      color_rows: np.ndarray) -> NearDuplicates:
+    """The bounded search over `hashes`, in this process or (`on_cluster`) as Dask tasks on `dask` when given,
+    else on the runner's cluster (started on first need)."""
     tolerance = None if colors is None else cfg.color_tolerance
     rows = None if colors is None else color_rows
-    if not cfg.use_dask:
+    if not on_cluster:
         return find_near_duplicates(hashes, cfg.near_dup_threshold, colors, tolerance,
                                     progress=for_task(progress, "near-duplicate bands"), color_rows=rows)
-    compute = compute or ComputeConfig()
+    compute = runner.compute
     partitions = max(1, compute.dask_workers * compute.threads_per_worker * 2)
-    if dask is not None:
-        return find_near_duplicates_dask(hashes, cfg.near_dup_threshold, dask, partitions, colors, tolerance, rows)
-    with DaskRunner(compute) as runner:
-        return find_near_duplicates_dask(hashes, cfg.near_dup_threshold, runner.client_or_start(), partitions,
-                                         colors, tolerance, rows)
+    client = dask if dask is not None else runner.client_or_start()
+    return find_near_duplicates_dask(hashes, cfg.near_dup_threshold, client, partitions, colors, tolerance, rows)
 
 
 def load_eval_sets(cfg: DedupConfig, synthetic_image_size: int, progress: Progress | None = None) -> list[EvalSet]:
@@ -129,7 +133,9 @@ def load_eval_sets(cfg: DedupConfig, synthetic_image_size: int, progress: Progre
 def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
                 compute: ComputeConfig | None = None, dask: Any = None,
                 progress: Progress | None = None, storage_cfg: StorageConfig | None = None) -> DedupResult:
-    """Run the four passes over `pool`. `dask`: an existing Dask client (else one is made when cfg.use_dask)."""
+    """Run the four passes over `pool`. The near-duplicate search runs on a Dask cluster when the compute
+    section's runner wants one for this many samples (`DaskRunner.wants_cluster`, as collect decides; `cfg.use_dask`
+    true / false forces it): on `dask`, an existing client, when given, else on one the runner starts."""
     start = time.monotonic()
     colors = PoolColors(pool, storage_cfg)
     tolerance = cfg.color_tolerance
@@ -172,19 +178,23 @@ def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
     tick = time.monotonic()
     near_pairs = color_rejected = 0
     search_stats: dict[str, Any] = {}
+    on_cluster = False
     if cfg.near_duplicates:
         live = alive()
-        found = _near_duplicates(hashes[live], cfg, compute, dask, progress,
-                                 None if tolerance is None else pool.color, live)
-        while tolerance is not None:
-            # A pool written before the colour field holds zeros for the missing signatures: decode the samples
-            # whose pHash matches were checked on one, and search again, until every check used a real one.
-            checked = live[np.unique(np.concatenate([found.edges, found.rejected]))]
-            missing = checked[~pool.has_color[checked]]
-            if missing.size == 0:
-                break
-            colors.ensure(missing)
-            found = _near_duplicates(hashes[live], cfg, compute, dask, progress, pool.color, live)
+        with DaskRunner(compute or ComputeConfig(), force_dask=cfg.use_dask) as runner:
+            on_cluster = runner.wants_cluster(live.size, MIN_SAMPLES_FOR_CLUSTER)
+            found = _near_duplicates(hashes[live], cfg, runner, on_cluster, dask, progress,
+                                     None if tolerance is None else pool.color, live)
+            while tolerance is not None:
+                # A pool written before the colour field holds zeros for the missing signatures: decode the
+                # samples whose pHash matches were checked on one, and search again, until every check used a
+                # real one.
+                checked = live[np.unique(np.concatenate([found.edges, found.rejected]))]
+                missing = checked[~pool.has_color[checked]]
+                if missing.size == 0:
+                    break
+                colors.ensure(missing)
+                found = _near_duplicates(hashes[live], cfg, runner, on_cluster, dask, progress, pool.color, live)
         near_pairs, color_rejected = int(found.edges.shape[0]), found.color_rejected
         search_stats = {**asdict(found.stats), "bound_per_sample": found.stats.bound_per_hash}
         counts["near_duplicate"] = _remove_groups(pool, live, found.labels(live.size),
@@ -209,7 +219,7 @@ def deduplicate(pool: PoolMetadata, cfg: DedupConfig, eval_sets: list[EvalSet],
         "near_dup_threshold": cfg.near_dup_threshold,
         "eval_sets": {s.name: s.num_images for s in eval_sets},
         "eval_overlap_by_set": {name: r["matched"] for name, r in overlap.report.items()},
-        "use_dask": cfg.use_dask,
+        "use_dask": on_cluster,  # whether the near-duplicate search ran on a Dask cluster
         **timings,
         "dedup_seconds": time.monotonic() - start,
     }

@@ -111,7 +111,7 @@ class CheckpointEncoder:
         self.tokenizer = tokenizer
         self.fingerprint, self.name = fingerprint, name
         self.image_size = int(model.image_size)
-        self.logit_scale = float(model.logit_scale.detach().exp().clamp(max=100.0))
+        self.logit_scale = float(model.scale().detach())
         self.text_batch_size = text_batch_size
         self.transform = eval_transform(self.image_size)
         self._captured: list = []
@@ -122,19 +122,16 @@ class CheckpointEncoder:
             visual.ln_post.register_forward_hook(lambda _m, _args, out: self._captured.append(out))
 
     @classmethod
-    def load(cls, uri: str, storage_cfg: StorageConfig | None = None, device: str = "cpu") -> CheckpointEncoder:
-        from clip.formats.checkpoint import FINAL_NAME, read_model_checkpoint
-        from clip.model import create_model_from_config
-        from clip.tokenizer import Tokenizer
+    def load(cls, reference: str, storage_cfg: StorageConfig | None = None, device: str = "cpu") -> CheckpointEncoder:
+        """The checkpoint `reference` names (a file or a run folder: clip.formats.checkpoint `resolve_checkpoint`),
+        read, checked and built strictly (`read_checkpoint`, clip.model `build_from_checkpoint`)."""
+        from clip.formats.checkpoint import read_checkpoint, resolve_checkpoint
+        from clip.model import build_from_checkpoint
 
-        if not uri.endswith(".pt") and storage.exists(storage.join(uri, FINAL_NAME), storage_cfg):
-            uri = storage.join(uri, FINAL_NAME)  # a run folder: its final checkpoint
-        raw, data = read_model_checkpoint(uri, storage_cfg, "evaluate.checkpoint")
-        model = create_model_from_config(data["model_config"])
-        model.load_state_dict(data["model"], strict=True)
-        tokenizer = Tokenizer.from_json(data["tokenizer"])
-        sha = hashlib.sha256(raw).hexdigest()
-        return cls(model, tokenizer, fingerprint=sha[:24], name=f"checkpoint:{uri}", device=device)
+        uri = resolve_checkpoint(reference, storage_cfg, "evaluate.checkpoint")
+        file = read_checkpoint(uri, storage_cfg, key="evaluate.checkpoint")
+        model, tokenizer = build_from_checkpoint(file.content, uri)
+        return cls(model, tokenizer, fingerprint=file.sha256[:24], name=f"checkpoint:{uri}", device=device)
 
     def preprocess(self, images: Sequence[PIL.Image.Image]) -> np.ndarray:
         if len(images) == 0:

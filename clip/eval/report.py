@@ -23,7 +23,14 @@ import numpy as np
 
 from clip import storage
 from clip.config import StorageConfig
-from clip.formats.results import RESULTS_CSV, RESULTS_JSON, RESULTS_MARKDOWN, ResultRow, ResultsTable
+from clip.formats.results import (
+    RESULTS_CSV,
+    RESULTS_JSON,
+    RESULTS_MARKDOWN,
+    SCORES_PLOT,
+    ResultRow,
+    ResultsTable,
+)
 
 MAX_CONFUSION_CLASSES = 20
 
@@ -207,9 +214,9 @@ def write_report(output_dir: str, table: ResultsTable, confusions: list[Confusio
         storage.write_bytes(uri, data, storage_cfg)
         outputs[name] = uri
     if plots:
-        uri = storage.join(output_dir, "scores.png")
+        uri = storage.join(output_dir, SCORES_PLOT)
         storage.write_bytes(uri, scores_png(table), storage_cfg)
-        outputs["scores.png"] = uri
+        outputs[SCORES_PLOT] = uri
         curves = few_shot_png(table)
         if curves is not None:
             uri = storage.join(output_dir, "few_shot.png")

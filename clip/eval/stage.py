@@ -39,14 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from clip.compute import resolve_device_kind
+from clip.compute import resolve_device
 from clip.config import ComputeConfig, EvaluateConfig, StorageConfig, TrackingConfig
 from clip.eval import fewshot, probe, retrieval, robustness, synthetic_sets, zeroshot
 from clip.eval.encoders import Encoder, load_encoder
 from clip.eval.features import Extracted, cached_extract
 from clip.eval.report import Confusion, write_report
 from clip.formats.bundle import MODEL_CARD_NAME, bundle_file_uri, fill_model_card, read_bundle_manifest
-from clip.formats.checkpoint import checkpoint_data_version, final_checkpoint
+from clip.formats.checkpoint import checkpoint_data_version, resolve_checkpoint
 from clip.formats.results import RESULTS_JSON, SUMMARY_TASKS, ResultRow, ResultsTable
 from clip.progress import Progress, for_task
 from clip.result import StageResult
@@ -274,7 +274,7 @@ def _is_shift_set(key: str) -> bool:
 
 
 def _device(compute: ComputeConfig) -> str:
-    return resolve_device_kind(compute.device)  # cuda without a GPU: one line naming compute.device
+    return resolve_device(compute.device).type  # cuda without a GPU: one line naming compute.device
 
 
 def run(section: EvaluateConfig, *, storage: StorageConfig, compute: ComputeConfig,
@@ -287,8 +287,8 @@ def run(section: EvaluateConfig, *, storage: StorageConfig, compute: ComputeConf
         _metric_and_tasks(key)
     start = time.monotonic()
     device = _device(compute) if section.checkpoint else "cpu"
-    # a run folder means its final.pt (clip.formats.checkpoint: the rule export follows too)
-    checkpoint = final_checkpoint(section.checkpoint, storage, "evaluate.checkpoint") if section.checkpoint else None
+    # a run folder means its checkpoint by clip.formats.checkpoint's one rule (export follows it too)
+    checkpoint = resolve_checkpoint(section.checkpoint, storage, "evaluate.checkpoint") if section.checkpoint else None
     encoder = load_encoder(section.bundle, checkpoint, storage, device=device)
     # the data version of the model evaluated: every stage's record (metrics, MLflow run) names the one it is about
     data_version = (checkpoint_data_version(checkpoint, storage, "evaluate.checkpoint") if checkpoint

@@ -1,5 +1,8 @@
 """What every evaluation loader returns, and the checks they share.
 
+A `DatasetEntry` (one per dataset in the registry, registry.py) knows a dataset's classes, templates, splits and
+folder, and loads one split with its loader.
+
 An `EvalSet` is a list of samples of one split of one dataset. Iterating it yields `(image, label)`: `image` a PIL
 image in RGB, `label` a class index into `EvalSet.classes` (a tuple of indices for the multi-label VOC 2007). It has
 a length (samples listed, before any is decoded) and counts what it had to skip: a sample whose image does not
@@ -166,3 +169,41 @@ def image_list(key: str, split: str, root: Path, classes: list[str], items: list
 def check_split(key: str, split: str, splits: Sequence[str]) -> None:
     if split not in splits:
         raise ValueError(f"{key}: split {split!r} is not one of {', '.join(splits)}")
+
+
+# A dataset's loader: (its entry, the dataset folder under --root, the split) -> the split's samples.
+Loader = Callable[["DatasetEntry", Path, str], EvalSet]
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One evaluation dataset of the registry (registry.py): what it is, where it lies, and how it is read."""
+
+    key: str
+    name: str
+    metric: str
+    splits: tuple[str, ...]
+    subdir: str  # the dataset's folder under --root
+    layout: str  # what is expected inside it, for people
+    classes: tuple[str, ...]
+    templates: tuple[str, ...]
+    class_ids: tuple[str, ...] | None
+    num_classes: int
+    source: str
+    loader: Loader = field(repr=False, compare=False)  # reads one split (release.py, torchvision_sets.py, ...)
+    class_synonyms: dict | None = None
+
+    def path(self, root: str | Path) -> Path:
+        return Path(root) / self.subdir
+
+    def available(self, root: str | Path) -> bool:
+        return self.path(root).is_dir()
+
+    def load(self, root: str | Path, split: str = "test") -> EvalSet:
+        """Read one split from `root/<subdir>`: MissingInputError when absent, FormatError when malformed."""
+        check_split(self.key, split, self.splits)
+        base = require_root(self.path(root), self.key)
+        dataset = self.loader(self, base, split)
+        if not dataset.templates:
+            dataset.templates = list(self.templates)
+        return dataset

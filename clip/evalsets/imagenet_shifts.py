@@ -40,16 +40,12 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from clip.evalsets.base import EvalSet, Label, require
+from clip.evalsets.base import DatasetEntry, EvalSet, Label, require
 from clip.evalsets.release import _images_in
 from clip.formats.errors import FormatError
-
-if TYPE_CHECKING:
-    from clip.evalsets.registry import DatasetEntry
 
 log = logging.getLogger(__name__)
 

@@ -22,46 +22,13 @@ Memes), `top1_top5_mean` (Kinetics700).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from pathlib import Path
 
 from clip.evalsets import imagenet_shifts, release, torchvision_sets, video
-from clip.evalsets.base import EvalSet, check_split, require_root
+from clip.evalsets.base import DatasetEntry
 
 METRIC_KINDS = ("accuracy", "mean_per_class", "map_11point", "roc_auc", "top1_top5_mean")
-
-
-@dataclass(frozen=True)
-class DatasetEntry:
-    key: str
-    name: str
-    metric: str
-    splits: tuple[str, ...]
-    subdir: str  # the dataset's folder under --root
-    layout: str  # what is expected inside it, for people
-    classes: tuple[str, ...]
-    templates: tuple[str, ...]
-    class_ids: tuple[str, ...] | None
-    num_classes: int
-    source: str
-    class_synonyms: dict | None = None
-
-    def path(self, root: str | Path) -> Path:
-        return Path(root) / self.subdir
-
-    def available(self, root: str | Path) -> bool:
-        return self.path(root).is_dir()
-
-    def load(self, root: str | Path, split: str = "test") -> EvalSet:
-        """Read one split from `root/<subdir>`: MissingInputError when absent, FormatError when malformed."""
-        check_split(self.key, split, self.splits)
-        base = require_root(self.path(root), self.key)
-        dataset = _LOADERS[self.key](self, base, split)
-        if not dataset.templates:
-            dataset.templates = list(self.templates)
-        return dataset
 
 
 # key, display name, metric, splits, folder under --root, expected layout
@@ -156,13 +123,14 @@ def _entries() -> dict[str, DatasetEntry]:
             classes=tuple(data["classes"]), templates=tuple(data["templates"]),
             class_ids=tuple(ids) if ids else None,
             num_classes=_NUM_CLASSES.get(key, len(data["classes"])), source=data["source"],
-            class_synonyms=data.get("class_synonyms"))
+            loader=_LOADERS[key], class_synonyms=data.get("class_synonyms"))
     imagenet = entries["imagenet"]
     for key, name, subdir, layout, num_classes, source in imagenet_shifts.SHIFT_TABLE:
         entries[key] = DatasetEntry(
             key=key, name=name, metric="accuracy", splits=("test",), subdir=subdir, layout=layout,
             classes=imagenet.classes, templates=imagenet.templates, class_ids=imagenet.class_ids,
-            num_classes=num_classes, source=f"{source}; class names, wnids and templates: {imagenet.source}")
+            num_classes=num_classes, source=f"{source}; class names, wnids and templates: {imagenet.source}",
+            loader=_LOADERS[key])
     return entries
 
 

@@ -27,18 +27,14 @@ import csv
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from clip.evalsets.base import ClassMap, EvalSet, image_list, require, stable_split
+from clip.evalsets.base import ClassMap, DatasetEntry, EvalSet, image_list, require, stable_split
 from clip.formats.errors import FormatError
+from clip.formats.images import IMAGE_SUFFIXES
 
-if TYPE_CHECKING:
-    from clip.evalsets.registry import DatasetEntry
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 KITTI_VEHICLES = ("Car", "Van", "Truck")
 KITTI_THRESHOLDS_M = (8.0, 20.0)  # upper bounds of the 'side' and 'nearby' bins; 'no car' when there is none
 CALTECH_TRAIN_PER_CLASS = 30

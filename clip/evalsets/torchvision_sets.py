@@ -15,16 +15,22 @@ import codecs
 import pickle
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
-from clip.evalsets.base import ClassMap, EvalSet, check_counts, check_label, image_list, require, stable_split
+from clip.evalsets.base import (
+    ClassMap,
+    DatasetEntry,
+    EvalSet,
+    check_counts,
+    check_label,
+    image_list,
+    require,
+    stable_split,
+)
 from clip.formats.errors import FormatError
-
-if TYPE_CHECKING:
-    from clip.evalsets.registry import DatasetEntry
 
 
 def _tv():

@@ -17,15 +17,11 @@ move with the file's GOP size. A video that does not decode counts as a corrupt 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from clip.evalsets.base import ClassMap, EvalSet, image_list, normalise_name, require
+from clip.evalsets.base import ClassMap, DatasetEntry, EvalSet, image_list, normalise_name, require
 from clip.formats.errors import FormatError
-
-if TYPE_CHECKING:
-    from clip.evalsets.registry import DatasetEntry
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
 

@@ -17,9 +17,8 @@ from pathlib import Path
 
 from clip.evalsets.base import EvalSet, require, require_root
 from clip.formats.errors import FormatError
+from clip.formats.images import WEBDATASET_IMAGE_KEYS
 from clip.formats.tar import index_tar_members, split_member_name
-
-IMAGE_EXTENSIONS = ("webp", "jpg", "jpeg", "png")
 
 
 def _text_lines(root: Path, split: str, name: str) -> list[str]:
@@ -55,7 +54,7 @@ def load_webdataset(root: str | Path, split: str = "test", key: str | None = Non
             fields = samples.setdefault(sample_key, {})
             if ext == "cls":
                 fields["cls"] = read()
-            elif ext in IMAGE_EXTENSIONS:
+            elif ext in WEBDATASET_IMAGE_KEYS:
                 fields["image"] = (location.offset, location.size)
         for sample_key, fields in samples.items():
             if "cls" not in fields or "image" not in fields:

@@ -4,9 +4,11 @@
     result = stage.run(cfg.export, storage=cfg.storage, compute=cfg.compute)
     result.bundle, result.metrics["image_min_cosine"]
 
-Steps: resolve the checkpoint (`export.checkpoint`; null: the final.pt of the training run of the data version
-asked about, `train_run`, which pipelines/export.py resolves from the data version latest.json names; a checkpoint
-there of another data version is refused), load it strictly (its `model_config` must fit its weights), export both
+Steps: resolve the checkpoint (clip.formats.checkpoint `resolve_checkpoint`: `export.checkpoint`, a file or a run
+folder; null: the training run of the data version asked about, `train_run`, which pipelines/export.py resolves from
+the data version latest.json names; a checkpoint there of another data version is refused), read it
+(`read_checkpoint`) and build it strictly (clip.model `build_from_checkpoint`: its `model_config` must fit its
+weights, its tokenizer the model), export both
 towers (clip.export.onnx_export), run the parity gate (clip.export.parity) and only then publish the bundle
 (clip.export.publish: a new version folder, then the top manifest switched to it): a failure anywhere, a crash
 included, leaves an existing bundle served. The export runs on the CPU in float32
@@ -16,7 +18,6 @@ common stage shape: the figures go to the stage metrics and the bundle manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -40,15 +41,14 @@ from clip.formats.bundle import (
     bundle_files_location,
 )
 from clip.formats.checkpoint import (
-    FINAL_NAME,
     MLFLOW_RUN_KEY,
+    CheckpointFile,
     TrainedRun,
-    final_checkpoint,
-    read_model_checkpoint,
+    read_checkpoint,
+    resolve_checkpoint,
 )
-from clip.formats.errors import FormatError, MissingInputError
-from clip.model import CLIP, StateDictMismatchError, check_state_dict, create_model_from_config
-from clip.model.model import LOGIT_SCALE_MAX
+from clip.formats.errors import FormatError
+from clip.model import CLIP, build_from_checkpoint
 from clip.progress import Progress
 from clip.result import StageResult
 from clip.tokenizer import Tokenizer
@@ -73,77 +73,56 @@ class ExportResult(StageResult):
 
 @dataclass
 class LoadedCheckpoint:
-    uri: str
-    sha256: str
+    """The checkpoint exported: as read (`file`: where from, its sha256, its content) and built."""
+
+    file: CheckpointFile
     model: CLIP
     tokenizer: Tokenizer
-    tokenizer_json: str
-    data: dict[str, Any]
 
 
-def resolve_checkpoint(cfg: ExportConfig, storage_cfg: StorageConfig | None = None,
-                       train_run: TrainedRun | None = None) -> str:
-    """The checkpoint file to export: `export.checkpoint` (a file, or a run folder's final.pt), else the final.pt
-    of `train_run`, the run of the data version asked about (never the newest file: after latest.json moved back
-    to an older version, the newest run is the other version's)."""
+def checkpoint_to_export(cfg: ExportConfig, storage_cfg: StorageConfig | None,
+                         train_run: TrainedRun | None = None) -> str:
+    """The checkpoint file to export (clip.formats.checkpoint `resolve_checkpoint`): `export.checkpoint` when set,
+    else `train_run`'s, the run of the data version asked about (never the newest file: after latest.json moved
+    back to an older version, the newest run is the other version's)."""
     if cfg.checkpoint is not None:
-        return final_checkpoint(cfg.checkpoint, storage_cfg, "export.checkpoint")
+        return resolve_checkpoint(cfg.checkpoint, storage_cfg, "export.checkpoint")
     if train_run is None:
         raise ValueError("export.checkpoint is null and no training run was named: set export.checkpoint, or run "
                          "the export stage through pipelines/export.py (the run of the data version latest.json names)")
-    final = storage_lib.join(train_run.folder, FINAL_NAME)
-    if not storage_lib.exists(final, storage_cfg):
-        raise MissingInputError(f"no finished training run for data version {train_run.data_version[:12]}: {final} "
-                                "does not exist (run the train stage, or set export.checkpoint)")
-    return final
+    return resolve_checkpoint(train_run, storage_cfg, "export.checkpoint")
 
 
-def load_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> LoadedCheckpoint:
-    """Read, hash and strictly load a checkpoint; one-line errors name `uri`."""
-    raw, data = read_model_checkpoint(uri, storage_cfg, "export.checkpoint")
-    try:
-        model = create_model_from_config(data["model_config"])
-    except (TypeError, ValueError, KeyError) as exc:
-        raise FormatError(f"{uri}: bad model_config ({exc})") from None
-    try:
-        check_state_dict(model, data["model"])
-    except StateDictMismatchError as exc:
-        raise FormatError(f"{uri}: weights disagree with its model_config ({model.config.name}): {exc}") from None
-    model.load_state_dict(data["model"], strict=True)
-    model = model.float().eval()
-    try:
-        tokenizer = Tokenizer.from_json(data["tokenizer"])
-    except ValueError as exc:
-        raise FormatError(f"{uri}: bad tokenizer ({exc})") from None
-    if tokenizer.vocab_size > model.vocab_size or tokenizer.context_length != model.context_length:
-        raise FormatError(f"{uri}: tokenizer (vocab {tokenizer.vocab_size}, context {tokenizer.context_length}) "
-                          f"does not fit the model (vocab {model.vocab_size}, context {model.context_length})")
-    return LoadedCheckpoint(uri=uri, sha256=hashlib.sha256(raw).hexdigest(), model=model, tokenizer=tokenizer,
-                            tokenizer_json=data["tokenizer"], data=data)
+def load_for_export(uri: str, storage_cfg: StorageConfig | None) -> LoadedCheckpoint:
+    """Read (clip.formats.checkpoint) and build (clip.model) the checkpoint at `uri`, float32 on the CPU; one-line
+    errors name `uri`."""
+    file = read_checkpoint(uri, storage_cfg, key="export.checkpoint")
+    model, tokenizer = build_from_checkpoint(file.content, uri)
+    return LoadedCheckpoint(file=file, model=model.float().eval(), tokenizer=tokenizer)
 
 
 def bundle_info(ckpt: LoadedCheckpoint, parity: dict[str, Any]) -> dict[str, Any]:
-    model = ckpt.model
+    model, data = ckpt.model, ckpt.file.content
     return {
         "model": model.config.name,
-        "model_config": ckpt.data["model_config"],
+        "model_config": data["model_config"],
         "embed_dim": model.config.embed_dim,
         "image_size": model.config.vision.image_size,
         "context_length": model.context_length,
-        "logit_scale": float(model.logit_scale.detach().exp().clamp(max=LOGIT_SCALE_MAX)),
+        "logit_scale": float(model.scale().detach()),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "data_version": ckpt.data.get("data_version"),
-        "train_run_id": ckpt.data.get(MLFLOW_RUN_KEY),
-        "train_step": ckpt.data.get("step"),
-        "checkpoint": ckpt.uri,
-        "checkpoint_sha256": ckpt.sha256,
+        "data_version": data.get("data_version"),
+        "train_run_id": data.get(MLFLOW_RUN_KEY),
+        "train_step": data.get("step"),
+        "checkpoint": ckpt.file.uri,
+        "checkpoint_sha256": ckpt.file.sha256,
         "parity": parity,
     }
 
 
 def export_bundle(cfg: ExportConfig, storage_cfg: StorageConfig, progress: Progress | None = None,
                   tamper: Tamper | None = None, train_run: TrainedRun | None = None) -> ExportResult:
-    """The stage's work (`train_run`: see `resolve_checkpoint`). `tamper` (tests only) may alter an exported
+    """The stage's work (`train_run`: see `checkpoint_to_export`). `tamper` (tests only) may alter an exported
     model's bytes before the parity gate."""
     timings: dict[str, float] = {}
     tick = time.monotonic()
@@ -158,9 +137,10 @@ def export_bundle(cfg: ExportConfig, storage_cfg: StorageConfig, progress: Progr
             progress(TASK, index, len(STEPS), STEPS[index] if index < len(STEPS) else "done")
 
     step(0)
-    ckpt = load_checkpoint(resolve_checkpoint(cfg, storage_cfg, train_run), storage_cfg)
-    if train_run is not None and cfg.checkpoint is None and ckpt.data.get("data_version") != train_run.data_version:
-        raise FormatError(f"{ckpt.uri} was trained on data version {str(ckpt.data.get('data_version'))[:12]}, "
+    ckpt = load_for_export(checkpoint_to_export(cfg, storage_cfg, train_run), storage_cfg)
+    trained_on = ckpt.file.content.get("data_version")
+    if train_run is not None and cfg.checkpoint is None and trained_on != train_run.data_version:
+        raise FormatError(f"{ckpt.file.uri} was trained on data version {str(trained_on)[:12]}, "
                           f"not on {train_run.data_version[:12]}, the version asked about: train it, or set "
                           "export.checkpoint")
     step(1)
@@ -179,7 +159,7 @@ def export_bundle(cfg: ExportConfig, storage_cfg: StorageConfig, progress: Progr
     contents = {
         IMAGE_ENCODER_NAME: image_onnx,
         TEXT_ENCODER_NAME: text_onnx,
-        TOKENIZER_NAME: ckpt.tokenizer_json.encode("utf-8"),
+        TOKENIZER_NAME: ckpt.file.content["tokenizer"].encode("utf-8"),
         PREPROCESS_NAME: (json.dumps(describe_transforms(ckpt.model.config.vision.image_size), indent=2, sort_keys=True) + "\n").encode(),
         MODEL_CARD_NAME: model_card(info).encode("utf-8"),
     }
@@ -195,7 +175,7 @@ def export_bundle(cfg: ExportConfig, storage_cfg: StorageConfig, progress: Progr
         **timings,
         "model": info["model"],
         "parameters": info["parameters"],
-        "checkpoint": ckpt.uri,
+        "checkpoint": ckpt.file.uri,
         "data_version": info["data_version"],
         "image_encoder_bytes": len(image_onnx),
         "text_encoder_bytes": len(text_onnx),
@@ -212,7 +192,7 @@ def run(
     progress: Progress | None = None, train_run: TrainedRun | None = None,
 ) -> ExportResult:
     """Export, check and publish; raises (one line, naming the input) without writing anything on bad input or a
-    failed parity gate. `train_run`: the run to export when `export.checkpoint` is null (`resolve_checkpoint`).
+    failed parity gate. `train_run`: the run to export when `export.checkpoint` is null (`checkpoint_to_export`).
     With tracking: an MLflow run with the parity figures, sizes and timings as metrics, the lineage as tags (data
     version, training run, checkpoint sha256) and the model card as an artifact."""
     result = export_bundle(cfg, storage, progress, train_run=train_run)

@@ -7,6 +7,7 @@ locations: local paths and s3:// URIs). Stage packages never import one another;
 |---|---|---|
 | webdataset tars (reader and deterministic writer) | collect, shard | `clip.formats.tar` |
 | raw shards `raw-NNNNN.tar`, sample JSON, done-record names | collect | `clip.formats.raw` |
+| `candidates.parquet` (every candidate's status) | collect | `clip.formats.candidates` |
 | `keep.parquet`, `removed.parquet`, `overlap_report.json` | dedup | `clip.formats.dedup` |
 | training shards, `sizes.json`, `manifest.json` (the data version) | shard | `clip.formats.manifest` |
 | `step-NNNNNNNN.pt`, `final.pt` | train | `clip.formats.checkpoint` |

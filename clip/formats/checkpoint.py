@@ -22,6 +22,12 @@ Each checkpoint also carries its own checksum, `content_sha256` (`CONTENT_SHA_KE
 (`content_digest`: every tensor's dtype, shape and bytes and every other value, in a fixed order), so a checkpoint
 read without its sidecar is still checked: a flipped byte inside a tensor, which torch.load does not notice, is
 refused by `parse_checkpoint` (FormatError naming the file). Checkpoints written before this key are not checked.
+
+From a reference to a model, one way for every stage (export, evaluate, tests; local paths and s3:// alike):
+`resolve_checkpoint` (a checkpoint file, a run folder, a folder holding one run, or a data version's `TrainedRun`
+-> the checkpoint's URI, by names only), `read_checkpoint` (its bytes, checked, -> `CheckpointFile`), then
+`clip.model.build_from_checkpoint(file.content, file.uri)` -> (CLIP, Tokenizer). The train stage's resume reads
+through `read_checkpoint` too.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +47,10 @@ STEP_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 FINAL_NAME = "final.pt"
 LOSS_CURVE_NAME = "loss_curve.csv"  # in the run folder: step,loss,lr,logit_scale,samples_per_s per log window
 EPOCH_CURVE_NAME = "epoch_curve.csv"  # in the run folder: step,epoch,loss and per-set zero-shot top-1 per epoch
+RUN_TOKENIZER_NAME = "tokenizer.json"  # in the run folder: the run's tokenizer (Tokenizer.to_json())
+RUN_METRICS_NAME = "metrics.json"  # in the run folder: a finished run's final figures (clip.train.report)
 MODEL_KEYS = ("model", "model_config", "tokenizer", "train_config")
+BUILD_KEYS = ("model", "model_config", "tokenizer")  # what clip.model.build_from_checkpoint needs
 TRAINING_STATE_KEYS = ("optimizer", "scheduler", "step", "samples_seen", "data_state", "rng", "data_version")
 RUNS_DIR = "models/runs"  # where runs go when train.output is not set: one folder per (model, data version)
 MLFLOW_RUN_KEY = "mlflow_run_id"  # the MLflow run of the segment that wrote it (None without tracking)
@@ -122,22 +132,79 @@ def run_for_data(data: str, model: str, *, loss: str = "clip", output: str | Non
     return TrainedRun(output or default_run_location(model, version, runs_dir, loss), version)
 
 
-def final_checkpoint(location: str, storage_cfg: Any = None, key: str = "checkpoint") -> str:
-    """The checkpoint file `location` names: a checkpoint file as it is, a run folder's final.pt; MissingInputError
-    naming `location` and the config `key` when there is none (a run folder without final.pt has not finished)."""
-    from pathlib import Path
+class AmbiguousCheckpointError(ValueError):
+    """A reference that names more than one training run (the message lists them): name one."""
 
+
+def choose_checkpoint(names: Iterable[str]) -> str | None:
+    """Of the file names directly in a run folder, the checkpoint that stands for the run: `final.pt` when there
+    is one, else the `step-NNNNNNNN.pt` with the highest step number; None when there is neither. Names only:
+    never a file's age (mtime), which a copy or a sync changes and S3 does not keep."""
+    names = set(names)
+    if FINAL_NAME in names:
+        return FINAL_NAME
+    steps = [(step, name) for name in names if (step := parse_step(name)) is not None]
+    return max(steps)[1] if steps else None
+
+
+def _listing(folder: str, storage_cfg: Any) -> tuple[bool, dict[str, list[str]]]:
+    """(whether `folder` is itself an object, {sub-folder ("" for `folder` itself): names of the objects directly
+    in it}) for `folder` and the folders directly under it, from one listing (the same for local and S3)."""
+    from clip import storage
+
+    inside: dict[str, list[str]] = {}
+    is_object = False
+    for info in storage.list_objects(folder, storage_cfg):
+        if info.uri.rstrip("/") == folder:
+            is_object = True
+            continue
+        if not info.uri.startswith(folder + "/"):
+            continue
+        parts = info.uri[len(folder) + 1:].split("/")
+        if len(parts) <= 2:
+            inside.setdefault("" if len(parts) == 1 else parts[0], []).append(parts[-1])
+    return is_object, inside
+
+
+def resolve_checkpoint(reference: str | TrainedRun, storage_cfg: Any = None, key: str = "checkpoint") -> str:
+    """The checkpoint file a reference names, local or s3:// by the same rule (one listing, names only):
+    - a file (`.../final.pt`, `.../step-00000100.pt`, any other name): itself;
+    - a run folder (checkpoints directly in it): the one `choose_checkpoint` picks, `final.pt` else the highest
+      step;
+    - a folder of runs (no checkpoint directly in it, run folders directly under it): its one run's, as above;
+      two or more runs: AmbiguousCheckpointError listing them (name the run, or its file);
+    - a `TrainedRun` (`run_for_data`: the run of a data version): its folder's `final.pt` only, since a data
+      version's model is its finished run (a run killed part-way is resumed by the train stage, not exported).
+    MissingInputError naming the reference and the config `key` when it names no checkpoint."""
     from clip import storage
     from clip.formats.errors import MissingInputError
 
-    if storage.exists(location, storage_cfg) and (storage.is_s3_uri(location) or Path(location).is_file()):
-        return location
-    if location.endswith(".pt"):
-        raise MissingInputError(f"checkpoint {location} does not exist ({key})")
-    final = storage.join(location, FINAL_NAME)
-    if not storage.exists(final, storage_cfg):
-        raise MissingInputError(f"no {FINAL_NAME} in {location} ({key}): the run is missing or has not finished")
-    return final
+    if isinstance(reference, TrainedRun):
+        folder = reference.folder.rstrip("/")
+        _, inside = _listing(folder, storage_cfg)
+        if FINAL_NAME not in inside.get("", []):
+            raise MissingInputError(f"no finished training run for data version {reference.data_version[:12]}: no "
+                                    f"{FINAL_NAME} in {folder} (run the train stage, or set {key})")
+        return storage.join(folder, FINAL_NAME)
+    folder = reference.rstrip("/") or reference
+    is_object, inside = _listing(folder, storage_cfg)
+    if is_object:
+        return folder
+    if folder.endswith(".pt") and not inside:
+        raise MissingInputError(f"checkpoint {folder} does not exist ({key})")
+    name = choose_checkpoint(inside.get("", []))
+    if name is not None:
+        return storage.join(folder, name)
+    runs = {run: chosen for run, names in sorted(inside.items()) if run and (chosen := choose_checkpoint(names))}
+    if len(runs) > 1:
+        shown = ", ".join(list(runs)[:5]) + (f" (+{len(runs) - 5} more)" if len(runs) > 5 else "")
+        raise AmbiguousCheckpointError(f"{folder} ({key}) holds {len(runs)} training runs ({shown}): name the run "
+                                       "folder or its checkpoint file")
+    if runs:
+        [(run, name)] = runs.items()
+        return storage.join(folder, run, name)
+    raise MissingInputError(f"no checkpoint in {folder} ({key}): neither {FINAL_NAME} nor a step checkpoint in it "
+                            "or in a run folder directly under it (is the run missing, or not started?)")
 
 
 def checkpoint_data_version(uri: str, storage_cfg: Any = None, key: str = "checkpoint") -> str | None:
@@ -154,7 +221,7 @@ def checkpoint_data_version(uri: str, storage_cfg: Any = None, key: str = "check
             return meta.get("data_version")
     except (FileNotFoundError, FormatError):
         pass  # no sidecar (or not a valid one): the checkpoint itself is the authority
-    return read_model_checkpoint(uri, storage_cfg, key)[1].get("data_version")
+    return read_checkpoint(uri, storage_cfg, key=key).content.get("data_version")
 
 
 def step_name(step: int) -> str:
@@ -223,10 +290,23 @@ def parse_checkpoint(data: bytes, uri: str = "checkpoint", require: tuple[str, .
     return checkpoint
 
 
-def read_model_checkpoint(uri: str, storage_cfg: Any = None, key: str = "checkpoint") -> tuple[bytes, dict[str, Any]]:
-    """(raw bytes, checkpoint dict) of a model checkpoint (`model`, `model_config`, `tokenizer` required), read
-    through clip.storage; one-line errors name `uri` and the config `key` that pointed at it: MissingInputError
-    when absent, FormatError when it is not a readable checkpoint."""
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint as read: where from, the SHA-256 of its bytes (what export and evaluation record), and its
+    content (the dict, on the CPU)."""
+
+    uri: str
+    sha256: str
+    content: dict[str, Any]
+
+
+def read_checkpoint(uri: str, storage_cfg: Any = None, *, key: str = "checkpoint",
+                    require: tuple[str, ...] = BUILD_KEYS, expected_sha256: str | None = None) -> CheckpointFile:
+    """Read and check the checkpoint at `uri` through clip.storage: the bytes against `expected_sha256` when given
+    (its sidecar's), the content against its own `content_sha256`, and the `require`d keys (default: what
+    building the model needs; the train stage's resume passes its own). One-line errors name `uri` (and the
+    config `key` that pointed at it): MissingInputError when absent, FormatError when damaged or not a
+    checkpoint. A storage error other than "not found" propagates."""
     from clip import storage
     from clip.formats.errors import MissingInputError
 
@@ -234,9 +314,15 @@ def read_model_checkpoint(uri: str, storage_cfg: Any = None, key: str = "checkpo
         raw = storage.read_bytes(uri, storage_cfg)
     except FileNotFoundError:
         raise MissingInputError(f"checkpoint {uri} does not exist ({key})") from None
+    sha256 = hashlib.sha256(raw).hexdigest()
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise FormatError(f"{uri} does not match its metadata sidecar {meta_name(storage.basename(uri))} (sha256 "
+                          f"{sha256[:12]}... != {expected_sha256[:12]}...): it changed after it was written; move "
+                          "both away to use the checkpoint before it")
     try:
-        return raw, parse_checkpoint(raw, uri, require=("model", "model_config", "tokenizer"))
-    except FormatError:
+        content = parse_checkpoint(raw, uri, require=require)
+    except (FormatError, MemoryError):
         raise
     except Exception as exc:  # torch.load's unpickling errors: not a checkpoint at all
         raise FormatError(f"{uri}: not a readable checkpoint ({type(exc).__name__})") from None
+    return CheckpointFile(uri, sha256, content)

@@ -75,10 +75,6 @@ def shard_name(index: int) -> str:
     return f"{SHARD_PREFIX}{index:05d}.tar"
 
 
-def is_shard_name(name: str) -> bool:
-    return name.startswith(SHARD_PREFIX) and name.endswith(".tar")
-
-
 @dataclass(frozen=True)
 class ShardEntry:
     name: str  # relative to the manifest's folder
@@ -276,11 +272,3 @@ def read_manifest(location: str, storage_cfg: StorageConfig | None = None) -> Ma
         raise FormatError(f"{uri}: holds data version {manifest.data_version[:12]}, not {folder[:12]} as its "
                           "folder and the latest.json pointer say (edited or corrupt)")
     return manifest
-
-
-def find_manifest(location: str, storage_cfg: StorageConfig | None = None) -> Manifest | None:
-    """The manifest at `location`, or None when there is none or it cannot be parsed (a publisher replaces it)."""
-    try:
-        return read_manifest(location, storage_cfg)
-    except (MissingInputError, FormatError):
-        return None

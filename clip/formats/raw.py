@@ -4,7 +4,8 @@ Under `collect.output_dir` (a local folder or s3://bucket/prefix):
 
     raw-00000.tar            per sample `{key}.jpg`, `{key}.json`, `{key}.txt` (byte-deterministic tar)
     records/raw-00000.json   the shard's done-record (collect's restart bookkeeping)
-    candidates.parquet, query_counts.json, stats.json
+    candidates.parquet       every candidate's status (clip.formats.candidates)
+    query_counts.json, stats.json
 
 Each sample's `{key}.json` carries the sha256 of the JPEG bytes as stored, the 64-bit pHash as 16 hex digits, the
 colour signature (8 x 8 RGB box-averaged thumbnail, 192 bytes, base64), the image size and the caption: everything
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 RAW_SHARD_PREFIX = "raw-"
 RECORDS_DIR = "records"
-CANDIDATES_NAME = "candidates.parquet"
 QUERY_COUNTS_NAME = "query_counts.json"
 STATS_NAME = "stats.json"
 # stats.json field: the side (pixels) of the built-in synthetic scenes, `collect.synthetic.image_size`. Dedup

@@ -23,6 +23,7 @@ READABLE_FORMATS = ("clip-pipeline/eval-results/v1", RESULTS_FORMAT)  # v2 added
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 RESULTS_MARKDOWN = "results.md"
+SCORES_PLOT = "scores.png"  # beside the table: one bar per evaluated dataset and task (clip.eval.report)
 # Rows derived from other rows (the distribution-shift summary, clip.eval.robustness): outside `mean`, since they
 # restate scores already counted (shift_mean) or are gaps that can be negative (effective_robustness).
 SHIFT_MEAN, EFFECTIVE_ROBUSTNESS = "shift_mean", "effective_robustness"

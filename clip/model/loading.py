@@ -1,11 +1,15 @@
-"""Load weights: OpenAI's released CLIP files (plain state dicts or TorchScript .pt archives) and this
-project's checkpoints (docs/formats.md: a dict with `model` and `model_config`).
+"""Build models from weights: this project's checkpoints (docs/formats.md "Checkpoints") and OpenAI's released
+CLIP files (plain state dicts or TorchScript .pt archives).
 
-    model = load_checkpoint("ViT-B-32.pt")            # architecture read off the weights' shapes
+    model, tokenizer = build_from_checkpoint(checkpoint_dict, "models/runs/x/final.pt")  # the one way in
     load_openai_state_dict(create_model("RN50"), "RN50.pt")
+    create_model_from_config(config_from_state_dict(weights))  # architecture read off OpenAI weights' shapes
 
-Loading is strict: any missing, unexpected or wrongly shaped key raises `StateDictMismatchError`
-naming the first offenders.
+`build_from_checkpoint` takes the checkpoint's content, never a location: the read (local or s3://, checked
+against its checksums) is clip.formats.checkpoint's `read_checkpoint`, in the caller, so this package knows
+nothing of storage or configuration. Loading is strict: any missing, unexpected or wrongly shaped key raises
+`StateDictMismatchError` naming the first offenders (`CheckpointMismatchError`, naming the file, from
+`build_from_checkpoint`).
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from clip.model.config import CLIPConfig, TextConfig, VisionConfig
 from clip.model.model import CLIP, create_model_from_config
+
+if TYPE_CHECKING:
+    from clip.tokenizer import Tokenizer
 
 # Entries in OpenAI's TorchScript archives that are attributes of the module, not weights.
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -150,13 +157,37 @@ def config_from_state_dict(state_dict: dict[str, Any], quick_gelu: bool = True) 
     )
 
 
-def load_checkpoint(source: str | Path | dict[str, Any], model: CLIP | None = None) -> CLIP:
-    """Load weights into `model`, or build the model first: from the checkpoint's `model_config` when it
-    has one (our checkpoints), else from the weights' shapes (OpenAI's releases, QuickGELU)."""
-    data = read_weights(source)
-    if model is None:
-        if isinstance(data.get("model_config"), dict):
-            model = create_model_from_config(data["model_config"])
-        else:
-            model = create_model_from_config(config_from_state_dict(data))
-    return load_openai_state_dict(model, data)
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose parts do not fit together (its model_config, its weights, its tokenizer); the message
+    is one line and names the checkpoint."""
+
+
+def build_from_checkpoint(checkpoint: dict[str, Any], source: str = "checkpoint") -> tuple[CLIP, Tokenizer]:
+    """(model, tokenizer) of a checkpoint's content (`model`, `model_config`, `tokenizer`; docs/formats.md): the
+    model built from its own `model_config`, its weights loaded strictly, in eval mode on the CPU, and its
+    tokenizer, which must fit the model (no token id beyond the model's vocabulary, the same context length).
+    CheckpointMismatchError naming `source` (the file it was read from) otherwise."""
+    from clip.tokenizer import Tokenizer
+
+    missing = [key for key in ("model", "model_config", "tokenizer") if key not in checkpoint]
+    if missing:
+        raise CheckpointMismatchError(f"{source}: checkpoint lacks key(s) {missing}")
+    try:
+        model = create_model_from_config(checkpoint["model_config"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointMismatchError(f"{source}: bad model_config ({exc})".replace("\n", " ")) from None
+    try:
+        check_state_dict(model, checkpoint["model"])
+    except StateDictMismatchError as exc:
+        raise CheckpointMismatchError(
+            f"{source}: weights disagree with its model_config ({model.config.name}): {exc}") from None
+    model.load_state_dict(checkpoint["model"], strict=True)
+    try:
+        tokenizer = Tokenizer.from_json(checkpoint["tokenizer"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointMismatchError(f"{source}: bad tokenizer ({exc})".replace("\n", " ")) from None
+    if tokenizer.vocab_size > model.vocab_size or tokenizer.context_length != model.context_length:
+        raise CheckpointMismatchError(
+            f"{source}: its tokenizer (vocab {tokenizer.vocab_size}, context {tokenizer.context_length}) does not fit "
+            f"its model (vocab {model.vocab_size}, context {model.context_length})")
+    return model.eval(), tokenizer

@@ -12,6 +12,7 @@ config sets `init_logit_bias` (SigLIP's learned bias, clip/sigmoid_loss.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,7 @@ def check_token_range(max_id: int, min_id: int, vocab_size: int) -> None:
 class CLIPOutput:
     image_features: torch.Tensor  # [N, embed_dim], unit norm
     text_features: torch.Tensor  # [N, embed_dim], unit norm
-    logit_scale: torch.Tensor  # scalar: exp(log scale), clamped at 100
+    logit_scale: torch.Tensor  # scalar: CLIP.scale(), exp(log scale) clamped at LOGIT_SCALE_MAX
     logit_bias: torch.Tensor | None = None  # scalar, SigLIP's learned b; None when the config has no init_logit_bias
 
 
@@ -179,11 +180,23 @@ class CLIP(nn.Module):
         features = self.ln_final(x) @ self.text_projection  # [N, embed_dim]
         return F.normalize(features, dim=-1) if normalize else features
 
+    def scale(self) -> torch.Tensor:
+        """The multiplier of the cosine similarities: exp(logit_scale), clamped at LOGIT_SCALE_MAX (the one clamp
+        every reader of the scale uses: forward, export's manifest, evaluation)."""
+        return self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+
+    def clamp_logit_scale_(self) -> None:
+        """Keep the log logit scale in [0, ln LOGIT_SCALE_MAX] in place, after each optimiser update (as CLIP and
+        open_clip do): the forward clamp alone zeroes its gradient above the maximum, and Adam's momentum could carry
+        the parameter past and leave it there."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0.0, math.log(LOGIT_SCALE_MAX))
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> CLIPOutput:
         return CLIPOutput(
             image_features=self.encode_image(images, normalize=True),
             text_features=self.encode_text(tokens, normalize=True),
-            logit_scale=self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX),
+            logit_scale=self.scale(),
             logit_bias=self.logit_bias,
         )
 

@@ -13,6 +13,10 @@ Guarantees:
   champion stays. No common dataset: nothing can be compared, so the champion stays (`challenger`).
 - Both means, the datasets and the decision are recorded on the MLflow run and in the stage's metrics; the
   version's description is the bundle's model card with the evaluation results filled in.
+- A promotion already recorded is not registered twice: when a version of the same checkpoint
+  (`checkpoint_sha256`) with the same task and scores exists (a promote stage run again after a failure further
+  on, or on unchanged inputs), that version is reused (`reused: 1` in the metrics) and only the aliases are decided
+  again; a version that already holds `champion` keeps it.
 Inputs are checked before anything is registered: a bundle that fails its manifest check, or a results table
 with no row of the compared task, is refused with a one-line error naming it.
 """
@@ -29,8 +33,9 @@ from clip.formats.bundle import MODEL_CARD_NAME, bundle_file_uri, fill_model_car
 from clip.formats.errors import FormatError, MissingInputError
 from clip.formats.results import ResultsTable
 from clip.progress import Progress
+from clip.promote.registry import Registry, log_bundle_version
 from clip.result import StageResult
-from clip.tracking import Registry, Tracker, log_bundle_version
+from clip.tracking import Tracker
 
 PROGRESS_TASK = "promote"
 
@@ -108,21 +113,26 @@ def run(cfg: PromoteConfig, *, storage: StorageConfig, compute: ComputeConfig | 
             champion_scores = {k: float(v) for k, v in json.loads(holder[1].get("eval_scores", "{}")).items()}
         except (ValueError, AttributeError):
             champion_scores = {}
-    decision = decide(scores, champion_scores, cfg.min_improvement)
-
-    tracker = Tracker(tracking)
     tags = {"data_version": info.get("data_version"), "checkpoint_sha256": info.get("checkpoint_sha256"),
             "train_run_id": info.get("train_run_id"), "registered_model": name}
+    version_tags = {**tags, "eval_task": cfg.task, "eval_scores": json.dumps(scores, sort_keys=True)}
+    existing = registry.find_version(name, {k: str(v) for k, v in version_tags.items() if v is not None})
+    if existing is not None and holder is not None and holder[0] == existing:
+        decision = Decision(True, sum(scores.values()) / len(scores), None, tuple(sorted(scores)),
+                            f"version {existing} (this checkpoint, these scores) already holds {cfg.alias}")
+    else:
+        decision = decide(scores, champion_scores, cfg.min_improvement)
+
+    tracker = Tracker(tracking)
     with tracker.run("promote", params={"promote": cfg.model_dump(mode="json")}, tags=tags):
-        version = log_bundle_version(tracker, cfg.bundle, name, {
-            **tags, "eval_task": cfg.task, "eval_scores": json.dumps(scores, sort_keys=True)}, storage)
+        version = existing or log_bundle_version(tracker, cfg.bundle, name, version_tags, storage)
         if progress is not None:
             progress(PROGRESS_TASK, 2, 3, f"{name} v{version}")
         alias = cfg.alias if decision.promote else cfg.challenger_alias
         registry.set_alias(name, alias, version)
         registry.describe(name, version, model_card_with_results(cfg.bundle, table, storage))
         metrics: dict[str, Any] = {"promoted": int(decision.promote), "new_mean": decision.new_mean,
-                                   "compared_datasets": len(decision.datasets)}
+                                   "compared_datasets": len(decision.datasets), "reused": int(existing is not None)}
         if decision.champion_mean is not None:
             metrics["champion_mean"] = decision.champion_mean
         tracker.log_metrics(metrics)

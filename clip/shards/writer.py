@@ -9,8 +9,8 @@
    `max_shard_bytes` bytes, whichever comes first (exact sizes are known from the index).
 3. `stream_shard`: copies each sample's members by offset into a byte-deterministic tar on any binary stream,
    recording each sample's byte range and SHA-256 on the way (the shard's index, clip/formats/shard_index.py);
-   `write_shard` puts the tar in a local file (temp name, then rename) and its index beside it (same way),
-   `hash_shard` only hashes both (no disk), which is how the S3 publisher learns the data version before
+   `write_shard` puts the tar in a local file and its index beside it (each through `clip.storage`: visible
+   under its name only once complete), `hash_shard` only hashes both (no disk), which is how the S3 publisher learns the data version before
    anything is uploaded.
 """
 
@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from clip import storage
 from clip.formats.dedup import KEEP_NAME
 from clip.formats.errors import MissingInputError, StaleInputError
 from clip.formats.manifest import shard_name
@@ -234,29 +235,14 @@ def hash_shard(plan: ShardPlan, index: RawIndex) -> ShardFile:
                      index_name(plan.name), shard_index.sha256_of_bytes())
 
 
-def _write_file(dest: Path, fill: Callable[[BinaryIO], object], temp_suffix: str) -> None:
-    """`dest` through a temp name in the same folder, fsynced, renamed when complete."""
-    tmp = dest.with_name(f".{dest.name}{temp_suffix}")
-    try:
-        with open(tmp, "wb") as out:
-            fill(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_shard(plan: ShardPlan, index: RawIndex, dest: Path, temp_suffix: str = ".tmp-writing") -> ShardFile:
-    """Write one planned shard to `dest`, then its index beside it (each through a temp name in the same folder,
-    renamed when complete)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+def write_shard(plan: ShardPlan, index: RawIndex, dest: Path) -> ShardFile:
+    """Write one planned shard to `dest`, then its index beside it, each through `clip.storage` (a temporary file
+    in the same folder, fsynced, renamed when complete)."""
     written: list[DeterministicTarWriter] = []
-    _write_file(dest, lambda out: written.append(stream_shard(plan, index, out)), temp_suffix)
+    storage.write_stream(str(dest), lambda out: written.append(stream_shard(plan, index, out)))
     shard_index = shard_index_of(plan, written[0])
     index_bytes = shard_index.to_bytes()
-    _write_file(dest.with_name(index_name(plan.name)), lambda out: out.write(index_bytes), temp_suffix)
+    storage.write_bytes(str(dest.with_name(index_name(plan.name))), index_bytes)
     return ShardFile(plan.name, dest, len(plan.keys), written[0].bytes_written, written[0].sha256,
                      index_name(plan.name), hashlib.sha256(index_bytes).hexdigest())
 

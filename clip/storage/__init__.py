@@ -10,7 +10,8 @@ Guarantees (both backends):
 - **Atomic writes.** Nothing half-written is ever visible under its final name. Local: a temporary file in the
   same folder (`.<name>.tmp-<random>`, never listed), fsync, rename, fsync of the folder. S3: one PUT is
   atomic; a multipart upload only becomes visible on CompleteMultipartUpload, and any failure aborts it, so
-  no parts are left behind and nothing appears under the key.
+  no parts are left behind and nothing appears under the key. A process killed mid-write locally leaves its
+  temporary file: `remove_leftovers(folder)` deletes those (only when nothing is writing into the folder).
 - **Idempotent uploads.** Every object written carries the SHA-256 of its content in its metadata
   (`x-amz-meta-sha256`); `upload_file` HEADs the key first and skips (returns False) when size and checksum
   already match. Locally the existing file's size and SHA-256 are compared.
@@ -49,7 +50,7 @@ from typing import BinaryIO
 
 from clip.config import StorageConfig
 from clip.storage.base import MIB, ObjectInfo, ObjectNotFound, Storage, StorageError
-from clip.storage.local import LocalStorage, atomic_local_write
+from clip.storage.local import LocalStorage, atomic_local_write, remove_unfinished_writes
 from clip.storage.retry import backoff_delay, is_retryable
 from clip.storage.s3 import S3_MAX_PARTS, S3_MIN_PART_BYTES, S3Storage, clear_client_cache
 from clip.storage.uri import basename, is_s3_uri, join, parse_s3_uri, to_local_path
@@ -58,8 +59,8 @@ __all__ = [
     "MIB", "S3_MAX_PARTS", "S3_MIN_PART_BYTES",
     "LocalStorage", "ObjectInfo", "ObjectNotFound", "S3Storage", "Storage", "StorageError",
     "backoff_delay", "basename", "clear_client_cache", "delete", "download_file", "exists", "get_storage",
-    "is_retryable", "is_s3_uri", "join", "list_objects", "open_read", "parse_s3_uri", "read_bytes", "sha256",
-    "upload_file", "write_bytes", "write_stream",
+    "is_retryable", "is_s3_uri", "join", "list_objects", "open_read", "parse_s3_uri", "read_bytes",
+    "remove_leftovers", "sha256", "upload_file", "write_bytes", "write_stream",
 ]  # fmt: skip
 
 _LOCAL = LocalStorage()
@@ -112,6 +113,15 @@ def write_stream(uri: str, fill: Callable[[BinaryIO], object], cfg: StorageConfi
         size = local.stat().st_size
         get_storage(uri, cfg).upload_file(local, uri)
     return size
+
+
+def remove_leftovers(folder_uri: str) -> list[str]:
+    """Delete what interrupted writes left directly in a local folder (their temporary files, never listed);
+    returns their names. S3 has none to delete (an unfinished upload never becomes an object): []. Call it only
+    when nothing is being written into the folder."""
+    if is_s3_uri(str(folder_uri)):
+        return []
+    return remove_unfinished_writes(to_local_path(str(folder_uri)))
 
 
 def upload_file(local_path: str | Path, uri: str, cfg: StorageConfig | None = None) -> bool:

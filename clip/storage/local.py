@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from clip.storage.base import READ_CHUNK, ObjectInfo, ObjectNotFound, Storage, S
 from clip.storage.uri import join, to_local_path
 
 TMP_MARK = ".tmp-"  # local temp files are ".<final name>.tmp-<hex>"; list() never returns them
+_TEMP_HEX = 12
+_OUR_TEMP_NAME = re.compile(r"\..+" + re.escape(TMP_MARK) + f"[0-9a-f]{{{_TEMP_HEX}}}")  # what _temp_name makes
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
@@ -33,7 +36,7 @@ def sha256_file(path: Path) -> tuple[str, int]:
 
 
 def _temp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+    return final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:_TEMP_HEX]}")
 
 
 def _is_temp_name(name: str) -> bool:
@@ -51,6 +54,20 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def remove_unfinished_writes(folder: Path) -> list[str]:
+    """Delete the temporary files that interrupted writes left directly in `folder` (not in its sub-folders):
+    names exactly as `atomic_local_write` makes them, nothing else; returns them, sorted. Only for a folder no
+    write is going into at the same time."""
+    if not folder.is_dir():
+        return []
+    removed = []
+    for leftover in folder.iterdir():
+        if _OUR_TEMP_NAME.fullmatch(leftover.name) and leftover.is_file():
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover.name)
+    return sorted(removed)
 
 
 def atomic_local_write(final: Path, fill: Callable[[BinaryIO], None]) -> None:

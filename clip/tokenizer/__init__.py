@@ -37,9 +37,10 @@ Differences from open_clip, on purpose:
   text; open_clip turns them into the special ids, which would move the pooling position.
 
 Layout: `clean.py` (the caption clean-up: `fix_text`, `clean_caption`), `bpe.py` (the byte alphabet, the
-`Tokenizer`: training, CLIP's BPE file, JSON, save/load through `clip.storage`), `train_process.py` (the Rust
-trainer in a child process, so that Ctrl-C can stop training at once). This module re-exports
-their public names, so `from clip.tokenizer import Tokenizer` is the way in.
+`Tokenizer`: training, CLIP's BPE file, JSON), `train_process.py` (the Rust trainer in a child process, so that
+Ctrl-C can stop training at once). This module re-exports their public names, so `from clip.tokenizer import
+Tokenizer` is the way in. It imports neither clip.config nor clip.storage: where a tokenizer's JSON is kept is
+its caller's business.
 """
 
 from clip.tokenizer.bpe import (

@@ -1,4 +1,4 @@
-"""CLIP's byte-level BPE on the `tokenizers` (Rust) fast path: training, OpenAI's vocabulary, JSON and files.
+"""CLIP's byte-level BPE on the `tokenizers` (Rust) fast path: training, OpenAI's vocabulary, JSON.
 
 * pre-tokenisation with CLIP's pattern: contractions ('s 't 're 've 'm 'll 'd), runs of letters, single
   digits, runs of other non-space symbols; whitespace is dropped;
@@ -10,8 +10,8 @@
 * a row is `[sot] + tokens + [eot]`, truncated to `context_length` with `eot` kept in the last slot,
   zero padded.
 
-Captions are cleaned first (`clip.tokenizer.clean`). Files are written and read through `clip.storage`, so a
-tokenizer can be saved to and loaded from a local path or an `s3://` URI alike.
+Captions are cleaned first (`clip.tokenizer.clean`). A tokenizer is one JSON document (`to_json` / `from_json`);
+where that document is stored is its caller's business (this package knows no storage and no config).
 
 torch is imported lazily (only by `__call__`, which returns a LongTensor), so the
 torch-free runtime (`clip.runtime`) can load a bundle's tokenizer and use `encode_batch` (an int64 numpy array
@@ -36,8 +36,6 @@ import numpy as np
 from tokenizers import AddedToken, Regex, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from clip import storage
-from clip.config import StorageConfig
 from clip.tokenizer.clean import clean_caption
 
 if TYPE_CHECKING:
@@ -303,16 +301,6 @@ class Tokenizer:
             found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
             raise ValueError(f"not a {FORMAT} tokenizer document (format: {found!r})")
         return cls(HFTokenizer.from_str(json.dumps(doc["hf_tokenizer"])), int(doc["context_length"]))
-
-    def save(self, path: str | os.PathLike[str], storage_cfg: StorageConfig | None = None) -> None:
-        """Write to_json() to `path`, a local path or an s3:// URI, atomically through `clip.storage`
-        (locally a temporary file in the same folder, then rename; on S3 one PUT)."""
-        storage.write_bytes(os.fspath(path), self.to_json().encode("utf-8"), storage_cfg)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], storage_cfg: StorageConfig | None = None) -> Tokenizer:
-        """Read a file written by `save` from a local path or an s3:// URI."""
-        return cls.from_json(storage.read_bytes(os.fspath(path), storage_cfg).decode("utf-8"))
 
     # -- properties ----------------------------------------------------------------------------------------
 

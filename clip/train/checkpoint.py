@@ -14,13 +14,13 @@ before it, with a warning naming the damaged file(s) and the one chosen instead.
 Each checkpoint gets its metadata sidecar (clip.formats.checkpoint `meta_name`), written after it and removed
 before it is overwritten or deleted. `find_latest()` chooses from the sidecars alone (a few KiB each, no
 torch.load) and reads a checkpoint whole only where the sidecar is missing, unreadable or names other bytes
-(another size than the object listed); `load_checkpoint_dict(uri, expected_sha256=...)` then refuses bytes that
-differ from what the sidecar described.
+(another size than the object listed); `FoundCheckpoint.load` then refuses bytes that differ from what the sidecar
+described. Every read of a checkpoint here goes through clip.formats.checkpoint `read_checkpoint`, the reader
+export and evaluation use (checksums checked, one-line errors naming the file).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import re
@@ -41,9 +41,9 @@ from clip.formats.checkpoint import (
     checkpoint_meta_bytes,
     meta_describes,
     meta_name,
-    parse_checkpoint,
     parse_checkpoint_meta,
     parse_step,
+    read_checkpoint,
     step_name,
 )
 from clip.formats.errors import FormatError
@@ -52,7 +52,7 @@ from clip.storage.local import TMP_MARK
 log = logging.getLogger(__name__)
 
 __all__ = ["FINAL_NAME", "FoundCheckpoint", "find_latest", "latest_checkpoint", "list_step_checkpoints",
-           "load_checkpoint_dict", "meta_uri", "prune_checkpoints", "read_checkpoint_meta",
+           "meta_uri", "prune_checkpoints", "read_checkpoint_meta",
            "remove_stale_temp_files", "rng_state", "save_checkpoint", "set_rng_state", "step_name"]
 
 
@@ -96,17 +96,6 @@ def save_checkpoint(uri: str, checkpoint: dict[str, Any], storage_cfg: StorageCo
     storage.write_bytes(meta_uri(uri), checkpoint_meta_bytes(checkpoint, raw, storage.basename(uri)), storage_cfg)
 
 
-def load_checkpoint_dict(uri: str, storage_cfg: StorageConfig | None = None,
-                         expected_sha256: str | None = None) -> dict[str, Any]:
-    """The whole checkpoint; with `expected_sha256` (its sidecar's), FormatError when the bytes differ."""
-    data = storage.read_bytes(uri, storage_cfg)
-    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise FormatError(f"{uri} does not match its metadata sidecar {storage.basename(meta_uri(uri))} (sha256 "
-                          f"{hashlib.sha256(data).hexdigest()[:12]}... != {expected_sha256[:12]}...): it changed "
-                          "after it was written; move both away to resume from the checkpoint before it")
-    return parse_checkpoint(data, uri)
-
-
 def read_checkpoint_meta(uri: str, size: int | None,
                          storage_cfg: StorageConfig | None = None) -> dict[str, Any] | None:
     """The sidecar of the checkpoint at `uri` when there is one that describes an object of `size` bytes (the
@@ -136,10 +125,11 @@ class FoundCheckpoint:
     checkpoint: dict[str, Any] | None = None
 
     def load(self, storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
-        """The whole checkpoint (read now unless it already was; checked against the sidecar's sha256)."""
+        """The whole checkpoint (read now unless it already was; checked against the sidecar's sha256 and its own
+        checksum: FormatError naming the file when either differs)."""
         if self.checkpoint is not None:
             return self.checkpoint
-        return load_checkpoint_dict(self.uri, storage_cfg, expected_sha256=self.meta.get("sha256"))
+        return read_checkpoint(self.uri, storage_cfg, require=(), expected_sha256=self.meta.get("sha256")).content
 
 
 def _meta_or_parse(uri: str, size: int | None, storage_cfg: StorageConfig | None,
@@ -153,15 +143,12 @@ def _meta_or_parse(uri: str, size: int | None, storage_cfg: StorageConfig | None
 
 def _parse_or_skip(uri: str, storage_cfg: StorageConfig | None, damaged: list[str]) -> dict[str, Any] | None:
     """The checkpoint at `uri`; None (with a warning, `uri` added to `damaged`) when its bytes do not parse or
-    differ from its own checksum. Reading is outside the guard: a storage error propagates."""
-    data = storage.read_bytes(uri, storage_cfg)
+    differ from its own checksum (read_checkpoint's FormatError). A storage error, a missing object included,
+    propagates."""
     try:
-        return parse_checkpoint(data, uri)
-    except MemoryError:
-        raise
-    except Exception as exc:  # in-memory bytes only: corrupt, truncated, or not a checkpoint (no I/O here)
-        warnings.warn(f"{uri}: skipped, not a loadable checkpoint ({type(exc).__name__}: {exc})".replace("\n", " "),
-                      stacklevel=4)
+        return read_checkpoint(uri, storage_cfg, require=()).content
+    except FormatError as exc:  # corrupt, truncated, or not a checkpoint
+        warnings.warn(f"{exc}; skipped".replace("\n", " "), stacklevel=4)  # the error names the file
         damaged.append(uri)
         return None
 

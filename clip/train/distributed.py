@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from clip.compute import resolve_device_kind
+from clip.compute import resolve_device
 
 
 @dataclass(frozen=True)
@@ -80,14 +80,6 @@ def under_launcher(env: Mapping[str, str] | None = None) -> bool:
     return ("RANK" in env and "WORLD_SIZE" in env) or (
         "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1
     )
-
-
-def resolve_device(kind: str, local_rank: int) -> torch.device:
-    if resolve_device_kind(kind) == "cuda":  # DeviceUnavailable (one line) for cuda without a GPU
-        index = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
 
 
 def init_distributed(device_kind: str = "auto", timeout_s: float = 1800.0) -> DistInfo:

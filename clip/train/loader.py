@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip.config import StorageConfig
+from clip.formats.images import WEBDATASET_IMAGE_KEYS
 from clip.train.gpu_decode import crop_box
 from clip.train.streams import (
     DataError,
@@ -39,14 +40,12 @@ from clip.train.streams import (
     shuffled_stream,
 )
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
 
 def decode_sample(members: dict[str, bytes], transform: Callable[[Any], torch.Tensor] | None,
                   seed: int, image_size: int = 0) -> tuple[Any, str] | None:
     """(image tensor, caption), or with transform None (`train.gpu_decode`) ((JPEG bytes as a uint8 tensor, crop
     box), caption): the GPU decodes and crops (clip/train/gpu_decode.py). None when the sample is unusable."""
-    image_bytes = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+    image_bytes = next((members[ext] for ext in WEBDATASET_IMAGE_KEYS if ext in members), None)
     text = members.get("txt")
     if image_bytes is None or text is None:
         return None
@@ -150,7 +149,7 @@ class StepChunks(IterableDataset):
                             if unusable_in_a_row > cfg.plan.total_samples:  # a whole pass: it would spin forever
                                 raise DataError(
                                     f"stream {s}: {unusable_in_a_row} samples in a row could not be used (each needs "
-                                    f"a decodable image {'/'.join(IMAGE_EXTENSIONS)} and a UTF-8 txt caption)"
+                                    f"a decodable image {'/'.join(WEBDATASET_IMAGE_KEYS)} and a UTF-8 txt caption)"
                                 )
                             continue
                         unusable_in_a_row = 0

@@ -30,14 +30,18 @@ import torch
 
 from clip import storage as storage_lib
 from clip.config import StorageConfig
-from clip.formats.checkpoint import EPOCH_CURVE_NAME, LOSS_CURVE_NAME, MLFLOW_RUN_KEY
+from clip.formats.checkpoint import (
+    EPOCH_CURVE_NAME,
+    LOSS_CURVE_NAME,
+    MLFLOW_RUN_KEY,
+    RUN_METRICS_NAME,
+    RUN_TOKENIZER_NAME,
+)
 from clip.result import StageResult
 from clip.tokenizer import Tokenizer
 from clip.tracking import Tracker
 from clip.train.checkpoint import FINAL_NAME
-from clip.train.tokenizer_setup import TOKENIZER_NAME
 
-METRICS_NAME = "metrics.json"
 RUN_FOLDER_TAG = "clip.train_run_folder"  # the same on every segment of one training run: what links them
 RESUMED_FROM_STEP_TAG = "clip.resumed_from_step"
 RESUMED_FROM_RUN_TAG = "clip.resumed_from_run"
@@ -110,11 +114,11 @@ class TrainResult(StageResult):
 
     @classmethod
     def from_metrics(cls, metrics: dict[str, Any], output: str) -> TrainResult:
-        tokenizer = storage_lib.join(output, TOKENIZER_NAME)
+        tokenizer = storage_lib.join(output, RUN_TOKENIZER_NAME)
         return cls(
             metrics=metrics,
             outputs={"checkpoint": metrics["checkpoint"], "tokenizer": tokenizer,
-                     "run_metrics": storage_lib.join(output, METRICS_NAME),
+                     "run_metrics": storage_lib.join(output, RUN_METRICS_NAME),
                      "loss_curve": storage_lib.join(output, LOSS_CURVE_NAME),
                      "epoch_curve": storage_lib.join(output, EPOCH_CURVE_NAME)},
             checkpoint=metrics["checkpoint"], tokenizer=tokenizer, data_version=metrics["data_version"],
@@ -125,7 +129,7 @@ class TrainResult(StageResult):
 
 def load_result(output: str, storage: StorageConfig | None = None) -> TrainResult | None:
     """The result a finished run left in `output` (its metrics.json), or None when there is none."""
-    uri = storage_lib.join(output, METRICS_NAME)
+    uri = storage_lib.join(output, RUN_METRICS_NAME)
     if not storage_lib.exists(uri, storage):
         return None
     return TrainResult.from_metrics(json.loads(storage_lib.read_bytes(uri, storage)), output)
@@ -191,10 +195,10 @@ def write_run_outputs(tracker: Tracker, output: str, storage: StorageConfig, tok
                       metrics: dict[str, Any], step: int) -> None:
     """Rank 0 at the end of a run: tokenizer.json (when not there yet), metrics.json, the final figures and the
     artifacts to MLflow."""
-    tokenizer_uri = storage_lib.join(output, TOKENIZER_NAME)
+    tokenizer_uri = storage_lib.join(output, RUN_TOKENIZER_NAME)
     if not storage_lib.exists(tokenizer_uri, storage):
         storage_lib.write_bytes(tokenizer_uri, tokenizer.to_json().encode("utf-8"), storage)
-    storage_lib.write_bytes(storage_lib.join(output, METRICS_NAME),
+    storage_lib.write_bytes(storage_lib.join(output, RUN_METRICS_NAME),
                             (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode("utf-8"), storage)
     tracker.log_metrics({k: float(v) for k, v in metrics.items()
                          if isinstance(v, int | float) and math.isfinite(float(v))}, step=step)
@@ -204,7 +208,7 @@ def write_run_outputs(tracker: Tracker, output: str, storage: StorageConfig, tok
 def _log_artifacts(tracker: Tracker, output: str, storage: StorageConfig) -> None:
     if not tracker.enabled:
         return
-    names = (FINAL_NAME, TOKENIZER_NAME, METRICS_NAME)
+    names = (FINAL_NAME, RUN_TOKENIZER_NAME, RUN_METRICS_NAME)
     if "://" not in output:
         for name in names:
             tracker.log_artifact(os.path.join(output, name), "checkpoint")

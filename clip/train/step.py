@@ -2,9 +2,10 @@
 learning-rate step.
 
 Guarantees:
-- bf16 autocast on GPU (`train.precision` auto or bf16), fp32 otherwise, for the towers; the logits and the loss
-  (`train.loss`, clip.loss.ClipLoss or clip.sigmoid_loss.SigLipLoss) are computed in fp32, outside autocast,
-  over the features of the whole global batch (the loss does its own cross-rank communication);
+- bf16 autocast for the towers when `use_bf16` (clip/train/wrap.py `uses_bf16`: `train.precision` bf16, or auto
+  on a GPU), fp32 otherwise; the logits and the loss (`train.loss`, clip.loss.ClipLoss or
+  clip.sigmoid_loss.SigLipLoss) are computed in fp32, outside autocast, over the features of the whole global
+  batch (the loss does its own cross-rank communication);
 - `train.accum_steps` = k > 1 (feature-cache accumulation, `accumulate_gradients`): the per-rank batch is split
   into k micro-batches; their features are computed once without gradients, then each micro-batch is recomputed
   with gradients against the cached features of all the others (and of every rank), and its backward adds its
@@ -13,7 +14,7 @@ Guarantees:
 - the weights are updated only if the loss AND every gradient are finite on EVERY rank (one all-reduced MIN
   after backward), so ranks never diverge; a skipped step still advances the learning-rate schedule and the
   data (the step is spent, and counted);
-- after each update the log logit scale is clamped in place to [0, ln 100];
+- after each update the log logit scale is clamped in place to [0, ln 100] (`CLIP.clamp_logit_scale_`);
 - no host synchronisation inside a step when the optimizer is a fused AdamW: the skip decision stays on the
   device (the fused kernel's `found_inf` skips the update and rolls back its step count), and `StepOutcome` holds
   device tensors that the loop reads only at logging steps. Any other optimizer costs one sync per step (the
@@ -32,12 +33,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from clip.model.model import LOGIT_SCALE_MAX, check_token_range, trimmed_text_length
+from clip.model.model import check_token_range, trimmed_text_length
 from clip.train.distributed import DistInfo, all_reduce_
 from clip.train.gpu_decode import gpu_decode_batch
 from clip.train.loader import Batch
 from clip.train.state import TrainState
-from clip.train.wrap import Wrapped
+from clip.train.wrap import Wrapped, clip_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -169,7 +170,8 @@ def train_step(state: TrainState, loss_fn: torch.nn.Module, images: torch.Tensor
     all_reduce_(finite, info, dist.ReduceOp.MIN)
     finite = finite.reshape(()).bool()  # [] on the device
     _step_if_finite(state.optimizer, finite)
-    clamp_logit_scale_(wrapped.module)  # idempotent: a skipped step leaves the clamped value as it was
+    # idempotent: a skipped step leaves the clamped value as it was; clamp_ in place works on an FSDP2 DTensor too
+    clip_model(wrapped.module).clamp_logit_scale_()
     state.optimizer.zero_grad(set_to_none=True)
     state.scheduler.step()
     loss_value = torch.where(finite, loss.float(), math.nan)
@@ -201,15 +203,6 @@ def _grads_finite(module: torch.nn.Module) -> torch.Tensor:
     if not grads:
         return torch.ones((), dtype=torch.bool, device=next(module.parameters()).device)
     return torch.stack([torch.isfinite(g).all() for g in grads]).all()
-
-
-def clamp_logit_scale_(module: torch.nn.Module) -> None:
-    """Keep the log logit scale in [0, ln 100] after each update (as CLIP and open_clip do): the forward clamp alone
-    zeroes its gradient above ln 100, and Adam's momentum could carry the parameter past and leave it there."""
-    param = getattr(module, "logit_scale", None)
-    if isinstance(param, torch.Tensor):
-        with torch.no_grad():
-            param.clamp_(0.0, math.log(LOGIT_SCALE_MAX))
 
 
 class NonFiniteGuard:

@@ -15,12 +15,12 @@ from typing import Any
 
 from clip import storage as storage_lib
 from clip.config import StorageConfig, TrainConfig
+from clip.formats.checkpoint import RUN_TOKENIZER_NAME
 from clip.formats.manifest import Manifest
 from clip.tokenizer import Tokenizer
 from clip.train.distributed import DistInfo, barrier
 from clip.train.streams import iter_captions
 
-TOKENIZER_NAME = "tokenizer.json"
 MAX_TOKENIZER_CAPTIONS = 2_000_000
 
 
@@ -31,7 +31,7 @@ def setup_tokenizer(tcfg: TrainConfig, storage: StorageConfig, info: DistInfo, m
         return Tokenizer.from_json(checkpoint["tokenizer"])
     if tcfg.tokenizer.kind == "clip_bpe":
         return Tokenizer.from_clip_bpe(tcfg.tokenizer.bpe_path, context_length=tcfg.tokenizer.context_length)
-    uri = storage_lib.join(tcfg.output, TOKENIZER_NAME)
+    uri = storage_lib.join(tcfg.output, RUN_TOKENIZER_NAME)
     if info.is_main and not storage_lib.exists(uri, storage):
         captions = iter_captions(manifest, storage, limit=MAX_TOKENIZER_CAPTIONS)
         tokenizer = Tokenizer.train(captions, tcfg.tokenizer.vocab_size, context_length=tcfg.tokenizer.context_length)

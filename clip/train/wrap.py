@@ -1,6 +1,7 @@
 """Wrap the single-device CLIP module for training, in ONE fixed order (the model code knows none of this):
 
-1. move to the device (fp32 master weights; bf16 comes from autocast in the loop, not from casting weights);
+1. move to the device (fp32 master weights; bf16 comes from autocast in the loop, not from casting weights;
+   `uses_bf16` is the one rule for both the autocast and FSDP's parameter dtype);
 2. activation checkpointing (`model.set_grad_checkpointing(True)`): a property of the blocks, so it must be
    set before any wrapper hides the module;
 3. the data-parallel wrapper, when the world size is above one:
@@ -12,8 +13,9 @@
 4. `torch.compile` last (`train.compile`), on the wrapped module, so DDP's bucketing / FSDP's hooks are seen
    by the compiler (torch's recommended order).
 
-`Wrapped.module` is the step-2 module for state dicts (with FSDP: the sharded root); `Wrapped.forward_module`
-is what the loop calls; `Wrapped.gradient_sync(False)` lets backward passes accumulate gradients on each rank
+`Wrapped.module` is the step-2 module for state dicts (with FSDP: the sharded root, still a CLIP: fully_shard
+changes the module in place; `clip_model` finds the CLIP under any wrapper); `Wrapped.forward_module` is what the
+loop calls; `Wrapped.gradient_sync(False)` lets backward passes accumulate gradients on each rank
 without reducing them (DDP `no_sync`, FSDP2 `set_requires_gradient_sync`), for micro-batch accumulation.
 """
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from clip.model.model import CLIP
 from clip.train.distributed import DistInfo
 
 
@@ -65,6 +68,18 @@ class Wrapped:
                 self.module.set_requires_gradient_sync(True)  # type: ignore[operator]
 
 
+def clip_model(module: nn.Module) -> CLIP:
+    """The CLIP module under `module`'s wrappers: torch.compile (`_orig_mod`) and DDP (`module`) hold it; FSDP2's
+    fully_shard changes it in place, so a sharded CLIP is one already. TypeError when there is none."""
+    while not isinstance(module, CLIP):
+        inner = getattr(module, "_orig_mod", None)
+        inner = getattr(module, "module", None) if inner is None else inner
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"no CLIP module under {type(module).__name__}")
+        module = inner
+    return module
+
+
 def _residual_blocks(model: nn.Module) -> list[nn.Module]:
     from clip.model.transformer import ResidualAttentionBlock
 
@@ -78,10 +93,16 @@ def check_fsdp_world(fsdp: bool, world_size: int) -> None:
                          "train.fsdp=false or launch several processes (compute.nproc_per_node / compute.nnodes)")
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the towers compute in bf16 (the autocast of clip/train/step.py and FSDP's parameter dtype alike):
+    `train.precision` bf16, or auto on a GPU; fp32 otherwise."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def fsdp_precision(precision: str, device: torch.device) -> dict[str, torch.dtype | None]:
-    """MixedPrecisionPolicy settings for `train.precision`: bf16 (or auto on a GPU) -> bf16 parameters in
-    forward/backward with fp32 gradient reduction; fp32 (or auto on the CPU) -> no reduced dtypes."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """MixedPrecisionPolicy settings for `train.precision`: bf16 (`uses_bf16`) -> bf16 parameters in
+    forward/backward with fp32 gradient reduction; fp32 -> no reduced dtypes."""
+    if uses_bf16(precision, device):
         return {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
     return {"param_dtype": None, "reduce_dtype": None}
 

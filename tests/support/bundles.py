@@ -64,7 +64,7 @@ def build_bundle(folder: str | os.PathLike[str], model_name: str = "tiny-vit",
     image_onnx, text_onnx = export_image_encoder(model), export_text_encoder(model)
     state = io.BytesIO()
     torch.save(model.state_dict(), state)
-    logit_scale = float(model.logit_scale.detach().exp().clamp(max=100.0))
+    logit_scale = float(model.scale().detach())  # what the export stage writes (CLIP.scale: the one clamp)
     info = {
         "model": model_name, "model_config": model.config.to_dict(), "embed_dim": model.config.embed_dim,
         "image_size": size, "context_length": ctx, "logit_scale": logit_scale,

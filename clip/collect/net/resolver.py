@@ -181,13 +181,7 @@ class Resolver:
         # rather than starting another thread for the same host.
         self._running: dict[tuple[str, int], Future] = {}
         self._pool = _DaemonPool(max_lookup_threads, "dns") if timeout_s is not None else None
-        self._lookups = 0
         self._calls = 0
-
-    @property
-    def lookups(self) -> int:
-        """How many real lookups were made (cache misses)."""
-        return self._lookups
 
     def resolve(self, host: str, port: int) -> tuple[list[str], float]:
         """(addresses, ms this call spent resolving or waiting for another thread's lookup).
@@ -207,7 +201,6 @@ class Resolver:
             if owner:
                 entry = _Entry()
                 self._entries[key] = entry
-                self._lookups += 1
         assert entry is not None
         if owner:
             self._fill(entry, key)

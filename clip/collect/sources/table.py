@@ -1,150 +1,25 @@
-"""Candidate sources: where (image, caption) candidates come from, behind one interface.
-
-A source splits its pool into `Partition`s (small, picklable descriptions that a Dask worker can read on its
-own) and yields `Candidate`s from each: a stable `source_key`, the caption, a `url` (the image URL for
-metadata tables; the file path, tar member or synthetic id for local sources) and, for local sources when asked,
-the image itself.
-
-- `table`: (url, caption) metadata tables, Parquet / CSV / TSV / JSONL (CC3M, CC12M, LAION, DataComp style).
-  Read with pyarrow in record batches, never whole: a Parquet file splits into partitions of consecutive row
-  groups (about `partition_size` rows each); an uncompressed text table splits into byte ranges of about
-  `partition_bytes` (TEXT_PARTITION_BYTES by default), each starting at a record start, so that the partitions
-  hold every row of the file exactly once (see `text_partition_starts`). A compressed text table (.gz, .bz2,
-  .zst, .lz4) cannot be entered in the middle: it is one partition, streamed block by block.
-- `folder`: a folder tree of images with sidecar caption files (`cat.jpg` + `cat.txt`).
-- `webdataset`: existing webdataset tars (local paths, brace patterns, s3:// URLs), one partition per tar.
-- `synthetic`: the built-in generator (clip.synthetic), the embedded default.
-
-    source = make_source(cfg.collect)
-    for part in source.partitions():
-        for cand in source.iter_candidates(part): ...
-"""
+"""The `table` source: (url, caption) rows of Parquet / CSV / TSV / JSONL metadata tables, read with pyarrow in
+record batches and split into partitions of whole row groups or whole-record byte ranges (package docstring)."""
 
 from __future__ import annotations
 
-import glob
-import logging
 import os
-import zlib
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO
 
-from PIL import Image
-
-from clip import synthetic
-from clip.config import (
-    CollectConfig,
-    FolderSourceConfig,
-    StorageConfig,
-    SyntheticSourceConfig,
-    TableSourceConfig,
-    WebdatasetSourceConfig,
+from clip.collect.sources.base import (
+    Candidate,
+    CandidateSource,
+    Partition,
+    SourceError,
+    expand_local_or_s3,
+    open_binary,
 )
-from clip.formats.tar import TruncatedTarError, iter_tar_samples
+from clip.config import StorageConfig, TableSourceConfig
 
-log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _TEXT_BLOCK_BYTES = 8 << 20  # pyarrow CSV/JSON block: bounded memory however large the file
 TEXT_PARTITION_BYTES = 64 << 20  # default byte range of one text-table partition (what a task holds in memory)
 _COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
-
-
-class SourceError(ValueError):
-    """A source that cannot be read as configured (missing file or column, unknown format); names the culprit."""
-
-
-@dataclass
-class Candidate:
-    source_key: str  # stable identity inside the source: "file:row", a relative path, "tar#key", an index
-    caption: str
-    url: str | None  # table: the image URL to fetch; local sources: where the image is (for the record)
-    image: bytes | Image.Image | None = None  # local sources, when asked for: encoded bytes or rendered pixels
-
-
-@dataclass(frozen=True)
-class Partition:
-    index: int
-    spec: tuple[Any, ...]  # source-specific; picklable
-
-
-class CandidateSource(ABC):
-    """The interface every source implements."""
-
-    name: str = "?"
-    needs_fetch: bool = False  # True: images come from URLs (the fetcher); False: the source holds them
-
-    @abstractmethod
-    def partitions(self) -> list[Partition]:
-        """The pool split into independently readable parts, in a fixed order."""
-
-    @abstractmethod
-    def iter_candidates(self, part: Partition, with_images: bool = False) -> Iterator[Candidate]:
-        """Candidates of one partition, in a fixed order (their position is their row number in the partition)."""
-
-    def load_images(self, part: Partition, rows: Sequence[int]) -> dict[int, Candidate]:
-        """The candidates at `rows` of a partition, with their images (local sources)."""
-        wanted = set(rows)
-        found: dict[int, Candidate] = {}
-        for row, cand in enumerate(self.iter_candidates(part, with_images=True)):
-            if row in wanted:
-                found[row] = cand
-                if len(found) == len(wanted):
-                    break
-        return found
-
-    def vocabulary(self) -> list[str]:
-        """Queries the source knows to be meaningful (the synthetic world's words and phrases).
-
-        When a source has one and no corpus is given, it replaces mining the captions (`from_captions`):
-        template words of generated captions are not worth searching for.
-        """
-        return []
-
-    def size_hint(self) -> int | None:
-        """Number of candidates when known without reading the pool."""
-        return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# helpers
-
-
-def _expand_local_or_s3(pattern: str, storage_cfg: StorageConfig | None) -> list[str]:
-    """A path, glob or brace pattern -> the sorted files it names (s3:// globs are listed under their prefix)."""
-    import fnmatch
-
-    from braceexpand import braceexpand
-
-    out: list[str] = []
-    for item in braceexpand(pattern):
-        if item.startswith("s3://"):
-            if any(ch in item for ch in "*?["):
-                from clip import storage
-
-                prefix = item[: min(item.index(ch) for ch in "*?[" if ch in item)]
-                prefix = prefix.rsplit("/", 1)[0]
-                out.extend(o.uri for o in storage.list_objects(prefix, storage_cfg) if fnmatch.fnmatch(o.uri, item))
-            else:
-                out.append(item)
-        elif any(ch in item for ch in "*?["):
-            out.extend(sorted(glob.glob(item, recursive=True)))
-        else:
-            out.append(item)
-    return out
-
-
-def _open_binary(uri: str, storage_cfg: StorageConfig | None):
-    if uri.startswith("s3://"):
-        from clip import storage
-
-        return storage.open_read(uri, storage_cfg)
-    if not os.path.exists(uri):
-        raise SourceError(f"input file {uri} does not exist")
-    return open(uri, "rb")
 
 
 def _text_or_empty(value: Any) -> str:
@@ -222,10 +97,6 @@ def _read_range(uri: str, start: int, stop: int, storage_cfg: StorageConfig | No
     return data
 
 
-# ----------------------------------------------------------------------------------------------------------
-# table
-
-
 def table_format(path: str, configured: str) -> str:
     if configured != "auto":
         return configured
@@ -257,7 +128,7 @@ class TableSource(CandidateSource):
         self.storage_cfg = storage_cfg
         self.files: list[str] = []
         for pattern in cfg.paths:
-            found = _expand_local_or_s3(pattern, storage_cfg)
+            found = expand_local_or_s3(pattern, storage_cfg)
             if not found:
                 raise SourceError(f"collect.table.paths: {pattern} matches no file")
             self.files.extend(found)
@@ -279,7 +150,7 @@ class TableSource(CandidateSource):
         for path in self.files:
             fmt = table_format(path, self.cfg.format)
             if fmt == "parquet":
-                with _open_binary(path, self.storage_cfg) as handle:
+                with open_binary(path, self.storage_cfg) as handle:
                     meta = pq.ParquetFile(handle).metadata
                     self._check_columns(meta.schema.names, path)
                 # Consecutive row groups up to ~partition_size rows form one partition.
@@ -308,7 +179,7 @@ class TableSource(CandidateSource):
         header record (the column names every range is parsed with), b"" for JSONL.
         """
         is_csv = fmt != "jsonl"
-        with _open_binary(path, self.storage_cfg) as handle:
+        with open_binary(path, self.storage_cfg) as handle:
             starts, size = text_partition_starts(handle, self.partition_bytes, csv=is_csv)
         header = b""
         data_start = 0
@@ -348,7 +219,7 @@ class TableSource(CandidateSource):
                     unexpected_field_behavior="ignore",
                 )
             elif self.path.startswith("s3://"):
-                self.handle = _open_binary(self.path, self.source.storage_cfg)
+                self.handle = open_binary(self.path, self.source.storage_cfg)
             else:
                 if not os.path.exists(self.path):
                     raise SourceError(f"input file {self.path} does not exist")
@@ -390,7 +261,7 @@ class TableSource(CandidateSource):
 
         fmt, path, extent = part.spec
         if fmt == "parquet":
-            with _open_binary(path, self.storage_cfg) as handle:
+            with open_binary(path, self.storage_cfg) as handle:
                 yield from pq.ParquetFile(handle).iter_batches(
                     batch_size=65536, row_groups=list(extent), columns=self._columns()
                 )
@@ -414,158 +285,3 @@ class TableSource(CandidateSource):
             for url, caption in zip(urls, captions, strict=True):
                 yield Candidate(f"{path}:{part.index}:{row}", _text_or_empty(caption), _text_or_empty(url) or None)
                 row += 1
-
-
-# ----------------------------------------------------------------------------------------------------------
-# folder
-
-
-class FolderSource(CandidateSource):
-    """Images in a folder tree, each with a sidecar caption file of the same stem."""
-
-    name = "folder"
-
-    def __init__(self, cfg: FolderSourceConfig, partition_size: int) -> None:
-        self.cfg = cfg
-        self.root = Path(cfg.path or "")
-        if not self.root.is_dir():
-            raise SourceError(f"collect.folder.path: {self.root} is not a folder")
-        self.partition_size = partition_size
-        # Sorted relative paths: the order, and so the keys, do not depend on the file system.
-        self.images = sorted(
-            str(p.relative_to(self.root)) for p in self.root.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-
-    def partitions(self) -> list[Partition]:
-        return [
-            Partition(i, ("folder", tuple(self.images[start:start + self.partition_size])))
-            for i, start in enumerate(range(0, len(self.images), self.partition_size))
-        ]
-
-    def size_hint(self) -> int | None:
-        return len(self.images)
-
-    def iter_candidates(self, part: Partition, with_images: bool = False) -> Iterator[Candidate]:
-        for rel in part.spec[1]:
-            yield self._candidate(rel, with_images)
-
-    def _candidate(self, rel: str, with_images: bool) -> Candidate:
-        image_path = self.root / rel
-        sidecar = image_path.with_suffix(self.cfg.caption_extension)
-        caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else ""
-        return Candidate(rel, caption, str(image_path), image_path.read_bytes() if with_images else None)
-
-    def load_images(self, part: Partition, rows: Sequence[int]) -> dict[int, Candidate]:
-        names = part.spec[1]
-        return {row: self._candidate(names[row], True) for row in rows}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# webdataset
-
-
-class WebdatasetSource(CandidateSource):
-    """Samples of existing webdataset tars: members sharing a key prefix form one sample."""
-
-    name = "webdataset"
-
-    def __init__(self, cfg: WebdatasetSourceConfig, storage_cfg: StorageConfig | None = None) -> None:
-        self.cfg = cfg
-        self.storage_cfg = storage_cfg
-        self.tars: list[str] = []
-        for pattern in cfg.urls:
-            found = _expand_local_or_s3(pattern, storage_cfg)
-            if not found:
-                raise SourceError(f"collect.webdataset.urls: {pattern} matches no tar")
-            self.tars.extend(found)
-
-    def partitions(self) -> list[Partition]:
-        for tar in self.tars:
-            if not tar.startswith("s3://") and not os.path.isfile(tar):
-                raise SourceError(f"collect.webdataset.urls: {tar} does not exist")
-        return [Partition(i, ("webdataset", tar)) for i, tar in enumerate(self.tars)]
-
-    def _samples(self, tar_uri: str, with_images: bool) -> Iterator[tuple[str, dict[str, bytes | None]]]:
-        """(key, {extension: bytes, or None when not read}) per sample, streaming; image members are read only
-        when asked for. Gzip-compressed tars are read too."""
-        wanted = {self.cfg.caption_key, *self.cfg.image_keys} if with_images else {self.cfg.caption_key}
-        yielded = 0
-        try:
-            with _open_binary(tar_uri, self.storage_cfg) as raw:
-                for key, members in iter_tar_samples(raw, want=wanted.__contains__, decompress=True):
-                    yield key, members
-                    yielded += 1
-        except (TruncatedTarError, EOFError, OSError, zlib.error) as exc:
-            # A truncated or corrupt tar (common among downloaded shards) must not stop the stage: its complete
-            # samples count, the one being read when the damage starts and everything after it are skipped.
-            # Every pass over the tar stops at the same place, so the candidate rows stay consistent.
-            log.warning("webdataset tar %s is truncated or corrupt after %d samples (%s); the rest is skipped",
-                        tar_uri, yielded, exc)
-
-    def iter_candidates(self, part: Partition, with_images: bool = False) -> Iterator[Candidate]:
-        tar_uri = part.spec[1]
-        for key, fields in self._samples(tar_uri, with_images):
-            if not any(k in fields for k in self.cfg.image_keys):
-                continue  # no image: not a candidate (e.g. a metadata-only member)
-            caption = (fields.get(self.cfg.caption_key) or b"").decode("utf-8", errors="replace").strip()
-            image = None
-            if with_images:
-                image = next((fields[k] for k in self.cfg.image_keys if fields.get(k) is not None), None)
-            yield Candidate(f"{tar_uri}#{key}", caption, f"{tar_uri}#{key}", image)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# synthetic
-
-
-class SyntheticSource(CandidateSource):
-    """The built-in generator; candidate i is scene i of the training stream for `seed`."""
-
-    name = "synthetic"
-
-    def __init__(self, cfg: SyntheticSourceConfig, partition_size: int, seed: int) -> None:
-        self.cfg = cfg
-        self.partition_size = partition_size
-        self.seed = seed
-
-    def partitions(self) -> list[Partition]:
-        n = self.cfg.num_samples
-        return [
-            Partition(i, ("synthetic", start, min(n, start + self.partition_size)))
-            for i, start in enumerate(range(0, n, self.partition_size))
-        ]
-
-    def size_hint(self) -> int | None:
-        return self.cfg.num_samples
-
-    def _candidate(self, index: int, with_images: bool) -> Candidate:
-        scene = synthetic.make_scene(self.seed, index, heldout_fraction=self.cfg.heldout_fraction)
-        image = synthetic.render_scene(scene, self.cfg.image_size) if with_images else None
-        return Candidate(str(index), scene.caption, f"synthetic://{self.seed}/{index}", image)
-
-    def iter_candidates(self, part: Partition, with_images: bool = False) -> Iterator[Candidate]:
-        _, start, stop = part.spec
-        for index in range(start, stop):
-            yield self._candidate(index, with_images)
-
-    def load_images(self, part: Partition, rows: Sequence[int]) -> dict[int, Candidate]:
-        start = part.spec[1]
-        return {row: self._candidate(start + row, True) for row in rows}
-
-    def vocabulary(self) -> list[str]:
-        return synthetic.vocabulary(self.cfg.heldout_fraction)
-
-
-def make_source(cfg: CollectConfig, storage_cfg: StorageConfig | None = None) -> CandidateSource:
-    """The source `collect.source` names, built from its section."""
-    if cfg.source == "table":
-        return TableSource(cfg.table, cfg.partition_size, storage_cfg)
-    if cfg.source == "folder":
-        return FolderSource(cfg.folder, cfg.partition_size)
-    if cfg.source == "webdataset":
-        return WebdatasetSource(cfg.webdataset, storage_cfg)
-    if cfg.source == "synthetic":
-        return SyntheticSource(cfg.synthetic, cfg.partition_size, cfg.seed)
-    raise SourceError(f"unknown collect.source {cfg.source!r}")
-
