@@ -106,8 +106,11 @@ def _interrupt_after_start(script: str) -> tuple[int, str]:
     """Run `script` in a fresh interpreter (a process group of its own); once it prints 'ready', wait a second
     and press Ctrl-C (SIGINT to the group, as a terminal does). It must exit within the guard below (before
     the fix it went on for minutes), and leave no process of its group behind. Returns (exit code, stderr)."""
+    # SIGINT at its default in the child, as in a terminal: a test run started in the background (`cmd &` in a
+    # script) inherits SIGINT ignored, which Python keeps, and Ctrl-C would then be tested on a deaf process.
     child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert child.stdout.readline().strip() == "ready"
         try:

@@ -91,6 +91,18 @@ def expand_local_or_s3(pattern: str, storage_cfg: StorageConfig | None) -> list[
     return out
 
 
+def expand_all(patterns: Sequence[str], key: str, noun: str, storage_cfg: StorageConfig | None) -> list[str]:
+    """Every file the patterns of config `key` name, in order; a pattern that names none is a SourceError
+    ("<key>: <pattern> matches no <noun>")."""
+    files: list[str] = []
+    for pattern in patterns:
+        found = expand_local_or_s3(pattern, storage_cfg)
+        if not found:
+            raise SourceError(f"{key}: {pattern} matches no {noun}")
+        files.extend(found)
+    return files
+
+
 def open_binary(uri: str, storage_cfg: StorageConfig | None):
     if uri.startswith("s3://"):
         from clip import storage

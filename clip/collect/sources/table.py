@@ -12,7 +12,7 @@ from clip.collect.sources.base import (
     CandidateSource,
     Partition,
     SourceError,
-    expand_local_or_s3,
+    expand_all,
     open_binary,
 )
 from clip.config import StorageConfig, TableSourceConfig
@@ -126,12 +126,7 @@ class TableSource(CandidateSource):
         self.partition_size = partition_size  # rows per Parquet partition (whole row groups)
         self.partition_bytes = partition_bytes  # bytes per uncompressed text partition (whole records)
         self.storage_cfg = storage_cfg
-        self.files: list[str] = []
-        for pattern in cfg.paths:
-            found = expand_local_or_s3(pattern, storage_cfg)
-            if not found:
-                raise SourceError(f"collect.table.paths: {pattern} matches no file")
-            self.files.extend(found)
+        self.files = expand_all(cfg.paths, "collect.table.paths", "file", storage_cfg)
 
     def _columns(self) -> list[str]:
         return [self.cfg.url_column, self.cfg.caption_column]

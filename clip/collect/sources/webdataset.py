@@ -13,7 +13,7 @@ from clip.collect.sources.base import (
     CandidateSource,
     Partition,
     SourceError,
-    expand_local_or_s3,
+    expand_all,
     open_binary,
 )
 from clip.config import StorageConfig, WebdatasetSourceConfig
@@ -30,12 +30,7 @@ class WebdatasetSource(CandidateSource):
     def __init__(self, cfg: WebdatasetSourceConfig, storage_cfg: StorageConfig | None = None) -> None:
         self.cfg = cfg
         self.storage_cfg = storage_cfg
-        self.tars: list[str] = []
-        for pattern in cfg.urls:
-            found = expand_local_or_s3(pattern, storage_cfg)
-            if not found:
-                raise SourceError(f"collect.webdataset.urls: {pattern} matches no tar")
-            self.tars.extend(found)
+        self.tars = expand_all(cfg.urls, "collect.webdataset.urls", "tar", storage_cfg)
 
     def partitions(self) -> list[Partition]:
         for tar in self.tars:
