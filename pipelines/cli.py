@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -284,13 +286,28 @@ def serve_model(
     port: Annotated[int, typer.Option(help="port to listen on")] = 5000,
 ) -> None:
     """Serve a registered model over HTTP (`mlflow models serve --env-manager local` in this venv, whatever PATH
-    says): POST /invocations, e.g. {"dataframe_records": [{"text": "a dog"}]}."""
+    says): POST /invocations, e.g. {"dataframe_records": [{"text": "a dog"}]}. Ctrl-C or SIGTERM stops the server
+    and every process it started (mlflow runs the HTTP server as a child of its own)."""
+    import signal
     import subprocess
 
     mlflow = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow) if mlflow.exists() else "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
            "-h", host, "-p", str(port)]
-    raise SystemExit(subprocess.call(cmd, env=venv_env()))
+    server = subprocess.Popen(cmd, env=venv_env(), start_new_session=True)  # a process group: stopped as one
+
+    def stop(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    try:
+        code = server.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)  # what the server left behind when it ended on its own
+    raise SystemExit(code)
 
 
 def main() -> None:  # pragma: no cover - console entry

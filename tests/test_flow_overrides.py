@@ -12,10 +12,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -236,6 +238,19 @@ def test_serve_model_serves_without_the_venv_on_path(tmp_path: Path, mlflow_stor
     finally:
         server.terminate()
         server.wait(timeout=30)
+    # stopping `serve-model` stops the HTTP server mlflow started under it: nothing answers on the port any more
+    deadline = time.monotonic() + 20
+    while _answers(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _answers(port), f"a server is still listening on 127.0.0.1:{port} after serve-model was stopped"
+
+
+def _answers(port: int) -> bool:
+    import socket
+
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
 
 
 # ------------------------------------------------------------------------------------------------------------
